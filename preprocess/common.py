@@ -1,0 +1,484 @@
+"""Machinery shared by every offline converter: input splitting, resumable shards, manifests, skips.
+
+A converter turns a stream of input *records* into output *shards*. Shards are defined over INPUT
+record ranges: shard k holds what survives of records [k * shard_size, (k + 1) * shard_size).
+That makes everything below deterministic and trivially resumable, independent of how many records
+are skipped:
+
+* multi-machine runs (``--num-shards N --shard-index n``) process the shards k with k % N == n;
+  their files have the same names and bytes as a single-machine run, so the union of all machines'
+  outputs (in one directory or several) is exactly the single run;
+* a shard is written to a temporary name and renamed into place (atomic), then recorded in the
+  manifest (also written atomically). A re-run into the same output keeps every recorded shard whose
+  file still has the recorded size and sha256, deletes stale temporaries, and redoes the rest.
+
+API for a converter (see ``preprocess/pairs.py`` for a full example)::
+
+    parser = argparse.ArgumentParser(...)
+    add_common_args(parser)                       # --output --workers --shard-size --num-shards
+                                                  # --shard-index --max-skip-fraction --no-progress
+    args = parser.parse_args(argv)
+    run = ShardedRun(args, kind="text", fingerprints={"tokenizer": tok.fingerprint},
+                     file_suffixes=(".bin", ".idx"),         # the files making up one shard
+                     resume_ignore=("workers",))             # args that may change between runs
+    def convert(shard: ShardTask) -> ShardResult:
+        # shard.index, shard.records: list of (record_index, payload)
+        # write shard.tmp_path(".bin") / shard.tmp_path(".idx"), count skips by reason
+        return ShardResult(samples=n_written, skipped=Counter({"empty_text": 3}))
+    return run.run(records, convert)             # records: Iterable[payload]; returns the exit code
+
+``run.run`` drives the progress bar (samples/s), the resume logic and the manifest; it returns 0, or
+``EXIT_TOO_MANY_SKIPS`` when the skip fraction exceeds ``--max-skip-fraction`` (the manifest is
+written first, with ``skip_check.passed = false``). Other helpers: ``worker_pool`` (a
+multiprocessing pool, or in-process when workers == 0), ``atomic_write_bytes``/``atomic_write_json``,
+``read_jsonl``/``read_tsv``/``read_parquet`` (input readers that never crash on a bad line: they yield
+``BadRecord`` payloads that the converter counts as ``bad_record``), ``file_sha256``.
+
+Manifest (``manifest.json``, or ``manifest-node{n}-of-{N}.json`` for multi-machine runs)::
+
+    {"kind", "format_version", "args", "fingerprints", "complete",
+     "inputs_seen", "samples_written", "skipped": {reason: count},
+     "shards": [{"index", "first_record", "num_records", "samples", "skipped",
+                 "files": [{"name", "size", "sha256"}]}],
+     "skip_check": {"fraction", "max", "passed"}}
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+FORMAT_VERSION = 1
+EXIT_TOO_MANY_SKIPS = 3
+TMP_PREFIX = ".tmp-"
+
+
+# ---- atomic files ---------------------------------------------------------------------------------
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temporary sibling then os.replace, so readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# ---- input readers --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """An input record that could not be parsed; the converter counts it as skip reason ``bad_record``."""
+
+    where: str
+    error: str
+
+
+def _decode(raw: bytes) -> str:
+    """UTF-8 with surrogateescape: invalid bytes survive as lone surrogates, so the converter can
+    count a non-UTF-8 field as its own skip reason instead of losing the whole record."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def is_valid_utf8(text: str) -> bool:
+    """False for text carrying lone surrogates (invalid bytes read by this module, or JSON escapes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict | BadRecord]]:
+    """Yields (``file:line`` source id, object or BadRecord); blank lines are not records."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            where = f"{path.name}:{lineno}"
+            try:
+                obj = json.loads(_decode(raw))
+            except json.JSONDecodeError as e:
+                yield where, BadRecord(f"{path}:{lineno}", f"invalid JSON: {e}")
+                continue
+            if not isinstance(obj, dict):
+                yield (
+                    where,
+                    BadRecord(f"{path}:{lineno}", f"expected a JSON object, got {type(obj).__name__}"),
+                )
+                continue
+            yield where, obj
+
+
+def read_tsv(path: str | Path) -> Iterator[tuple[str, dict | BadRecord]]:
+    """Tab-separated with a header row naming the fields; quoting is not interpreted."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        header = _decode(f.readline()).rstrip("\r\n").split("\t")
+        if not header or header == [""]:
+            raise ValueError(f"{path}: empty TSV, expected a header row naming the fields")
+        for lineno, raw in enumerate(f, 2):
+            line = _decode(raw).rstrip("\r\n")
+            if not line.strip():
+                continue
+            where = f"{path.name}:{lineno}"
+            values = line.split("\t")
+            if len(values) != len(header):
+                yield where, BadRecord(f"{path}:{lineno}", f"{len(values)} fields, header has {len(header)}")
+                continue
+            yield where, dict(zip(header, values))
+
+
+def read_parquet(path: str | Path, columns: Sequence[str] | None = None) -> Iterator[tuple[str, dict]]:
+    """Rows of a Parquet file; binary columns are decoded like the text readers (surrogateescape)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    row = 0
+    for batch in pq.ParquetFile(path).iter_batches(columns=list(columns) if columns else None):
+        for record in batch.to_pylist():
+            yield (
+                f"{path.name}:{row}",
+                {k: _decode(v) if isinstance(v, bytes) else v for k, v in record.items()},
+            )
+            row += 1
+
+
+def read_records(
+    paths: Sequence[str | Path], columns: Sequence[str] | None = None
+) -> Iterator[tuple[str, Any]]:
+    """All records of several input files in order; the reader is chosen by extension (.jsonl, .tsv, .parquet).
+
+    Source ids are ``basename:line``, so input basenames must be unique."""
+    names = [Path(p).name for p in paths]
+    dup = [n for n, c in Counter(names).items() if c > 1]
+    if dup:
+        raise ValueError(f"input file names must be unique (they form the sample ids): {dup}")
+    for p in paths:
+        suffix = Path(p).suffix.lower()
+        if suffix in (".jsonl", ".json", ".ndjson"):
+            yield from read_jsonl(p)
+        elif suffix in (".tsv", ".tab"):
+            yield from read_tsv(p)
+        elif suffix == ".parquet":
+            yield from read_parquet(p, columns)
+        else:
+            raise ValueError(f"{p}: unknown input format {suffix!r}; expected .jsonl, .tsv or .parquet")
+
+
+# ---- worker pool ----------------------------------------------------------------------------------
+
+
+class _InlinePool:
+    """Stands in for multiprocessing.Pool when workers == 0 (debugging, tiny runs)."""
+
+    def __init__(self, initializer: Callable | None, initargs: tuple):
+        if initializer is not None:
+            initializer(*initargs)
+
+    def imap(self, fn: Callable, iterable: Iterable, chunksize: int = 1) -> Iterator:
+        return map(fn, iterable)
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int, initializer: Callable | None = None, initargs: tuple = ()) -> Iterator[Any]:
+    """A process pool with an ordered ``imap``; fork keeps startup cheap (workers must not use torch)."""
+    if workers <= 0:
+        yield _InlinePool(initializer, initargs)
+        return
+    ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    pool = ctx.Pool(workers, initializer=initializer, initargs=initargs)
+    try:
+        yield pool
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+# ---- sharded, resumable runs ----------------------------------------------------------------------
+
+
+def add_common_args(parser: argparse.ArgumentParser, default_shard_size: int = 10000) -> None:
+    g = parser.add_argument_group("output, parallelism and resume")
+    g.add_argument("--output", required=True, help="output directory (re-running into it resumes)")
+    g.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="worker processes (0 = run in the main process)",
+    )
+    g.add_argument(
+        "--shard-size",
+        type=int,
+        default=default_shard_size,
+        help="input records per output shard (shard k = records [k*size, (k+1)*size))",
+    )
+    g.add_argument("--num-shards", type=int, default=1, help="machines sharing this job")
+    g.add_argument("--shard-index", type=int, default=0, help="this machine's index in [0, num-shards)")
+    g.add_argument(
+        "--max-skip-fraction",
+        type=float,
+        default=0.01,
+        help="exit non-zero (after writing the manifest) if more of the inputs are skipped",
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+@dataclass
+class ShardResult:
+    samples: int
+    skipped: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class ShardTask:
+    """One output shard to produce: its records and where to write its files."""
+
+    index: int
+    first_record: int
+    records: list[tuple[int, Any]]
+    output_dir: Path
+    name: str
+    progress: Callable[[int], None] = lambda n: None  # call with the samples written as they are
+
+    def tmp_path(self, suffix: str) -> Path:
+        return self.output_dir / f"{TMP_PREFIX}{self.name}{suffix}"
+
+    def final_path(self, suffix: str) -> Path:
+        return self.output_dir / f"{self.name}{suffix}"
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:06d}"
+
+
+def manifest_name(num_shards: int, shard_index: int) -> str:
+    return "manifest.json" if num_shards == 1 else f"manifest-node{shard_index:03d}-of-{num_shards:03d}.json"
+
+
+class ShardedRun:
+    """Drives one converter run: selects this machine's shards, resumes, writes the manifest."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        kind: str,
+        fingerprints: dict[str, str],
+        file_suffixes: Sequence[str],
+        resume_ignore: Sequence[str] = (),
+    ):
+        if args.shard_size < 1:
+            raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
+        if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
+            raise ValueError(f"--shard-index {args.shard_index} not in [0, --num-shards {args.num_shards})")
+        if not 0.0 <= args.max_skip_fraction <= 1.0:
+            raise ValueError(f"--max-skip-fraction must be in [0, 1], got {args.max_skip_fraction}")
+        self.args = args
+        self.kind = kind
+        self.fingerprints = dict(fingerprints)
+        self.suffixes = tuple(file_suffixes)
+        self.output_dir = Path(args.output)
+        self.manifest_path = self.output_dir / manifest_name(args.num_shards, args.shard_index)
+        # settings that change how records become bytes must match on resume; these need not
+        volatile = {"workers", "max_skip_fraction", "no_progress", "output", *resume_ignore}
+        self.identity_args = {k: _jsonable(v) for k, v in sorted(vars(args).items()) if k not in volatile}
+
+    def _manifest(self, shards: dict[int, dict], complete: bool) -> dict:
+        ordered = [shards[k] for k in sorted(shards)]
+        skipped = Counter()
+        for s in ordered:
+            skipped.update(s["skipped"])
+        inputs = sum(s["num_records"] for s in ordered)
+        fraction = sum(skipped.values()) / inputs if inputs else 0.0
+        return {
+            "kind": self.kind,
+            "format_version": FORMAT_VERSION,
+            "args": {k: _jsonable(v) for k, v in sorted(vars(self.args).items())},
+            "fingerprints": self.fingerprints,
+            "num_shards": self.args.num_shards,
+            "shard_index": self.args.shard_index,
+            "complete": complete,
+            "inputs_seen": inputs,
+            "samples_written": sum(s["samples"] for s in ordered),
+            "skipped": dict(sorted(skipped.items())),
+            "shards": ordered,
+            "skip_check": {
+                "fraction": fraction,
+                "max": self.args.max_skip_fraction,
+                "passed": fraction <= self.args.max_skip_fraction,
+            },
+        }
+
+    def _remove_stale_temporaries(self) -> None:
+        """Leftovers of a killed run of THIS machine (others may be writing into the same directory)."""
+        n, me = self.args.num_shards, self.args.shard_index
+        for stale in self.output_dir.glob(f"{TMP_PREFIX}{self.manifest_path.name}.*"):
+            stale.unlink()
+        prefix = f"{TMP_PREFIX}{shard_name(0)[:-6]}"
+        for stale in self.output_dir.glob(f"{prefix}*"):
+            digits = stale.name[len(prefix) : len(prefix) + 6]
+            if digits.isdigit() and int(digits) % n == me:
+                stale.unlink()
+
+    def _load_finished(self) -> dict[int, dict]:
+        """Shards recorded by an earlier run into this output whose files are intact."""
+        if not self.manifest_path.exists():
+            return {}
+        old = json.loads(self.manifest_path.read_text())
+        old_identity = {k: v for k, v in old.get("args", {}).items() if k in self.identity_args}
+        if (
+            old.get("kind") != self.kind
+            or old_identity != self.identity_args
+            or old.get("fingerprints") != self.fingerprints
+        ):
+            changed = sorted(k for k in self.identity_args if old_identity.get(k) != self.identity_args[k])
+            raise SystemExit(
+                f"{self.manifest_path}: an earlier run with different settings wrote this output "
+                f"(changed: {changed or 'kind/fingerprints'}); use a new --output or delete it"
+            )
+        finished = {}
+        for s in old.get("shards", []):
+            ok = all(
+                (self.output_dir / f["name"]).is_file()
+                and (self.output_dir / f["name"]).stat().st_size == f["size"]
+                and file_sha256(self.output_dir / f["name"]) == f["sha256"]
+                for f in s["files"]
+            )
+            if ok:
+                finished[s["index"]] = s
+        return finished
+
+    def _commit(self, task: ShardTask, result: ShardResult) -> dict:
+        files = []
+        for suffix in self.suffixes:
+            tmp, final = task.tmp_path(suffix), task.final_path(suffix)
+            if not tmp.exists():
+                raise RuntimeError(f"converter did not write {tmp}")
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+            files.append({"name": final.name, "size": final.stat().st_size, "sha256": file_sha256(final)})
+        return {
+            "index": task.index,
+            "first_record": task.first_record,
+            "num_records": len(task.records),
+            "samples": result.samples,
+            "skipped": dict(sorted(result.skipped.items())),
+            "files": files,
+        }
+
+    def run(self, records: Iterable[Any], convert: Callable[[ShardTask], ShardResult]) -> int:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        size, n, me = self.args.shard_size, self.args.num_shards, self.args.shard_index
+        self._remove_stale_temporaries()
+        shards = self._load_finished()
+        bar = tqdm(
+            unit=" samples",
+            disable=self.args.no_progress,
+            desc=f"{self.kind} -> {self.output_dir}",
+            dynamic_ncols=True,
+        )
+        start, written = time.time(), 0
+        it = iter(records)
+        for k in itertools.count():
+            block = list(itertools.islice(it, size))
+            if not block:
+                break
+            if k % n != me:
+                continue
+            if k in shards:
+                bar.update(shards[k]["samples"])
+                continue
+            task = ShardTask(
+                k,
+                k * size,
+                list(enumerate(block, k * size)),
+                self.output_dir,
+                shard_name(k),
+                progress=bar.update,
+            )
+            result = convert(task)
+            shards[k] = self._commit(task, result)
+            atomic_write_json(self.manifest_path, self._manifest(shards, complete=False))
+            written += result.samples
+            bar.set_postfix(skipped=sum(sum(s["skipped"].values()) for s in shards.values()))
+        bar.close()
+        manifest = self._manifest(shards, complete=True)
+        atomic_write_json(self.manifest_path, manifest)
+        elapsed = time.time() - start
+        print(
+            f"[{self.kind}] {self.manifest_path}: {manifest['inputs_seen']} inputs, "
+            f"{manifest['samples_written']} written "
+            f"({written} this run, {written / max(elapsed, 1e-9):.1f} samples/s), "
+            f"skipped {manifest['skipped']}",
+            file=sys.stderr,
+        )
+        check = manifest["skip_check"]
+        if not check["passed"]:
+            print(
+                f"[{self.kind}] ERROR: skipped fraction {check['fraction']:.4f} > --max-skip-fraction "
+                f"{check['max']} (reasons: {manifest['skipped']}); see {self.manifest_path}",
+                file=sys.stderr,
+            )
+            return EXIT_TOO_MANY_SKIPS
+        return 0
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return str(value)
+
+
+__all__ = [
+    "EXIT_TOO_MANY_SKIPS",
+    "BadRecord",
+    "ShardResult",
+    "ShardTask",
+    "ShardedRun",
+    "add_common_args",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "file_sha256",
+    "is_valid_utf8",
+    "manifest_name",
+    "read_jsonl",
+    "read_parquet",
+    "read_records",
+    "read_tsv",
+    "shard_name",
+    "worker_pool",
+]
