@@ -1,0 +1,1 @@
+"""flava_ds: pretrain FLAVA at cluster scale with DeepSpeed."""

@@ -1,0 +1,59 @@
+"""Global contrastive loss (FLAVA §3.2): embeddings gathered over data-parallel ranks WITH gradient.
+
+Each rank scores its local rows against the global columns; labels are offset by the rank. With
+`global_backprop=False` the gather carries no gradient (CLIP-style local gradients, the paper's ablation).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from torch import nn
+
+from flava_ds.parallel.state import data_parallel_group
+
+
+def _gather(x: torch.Tensor, group: dist.ProcessGroup | None, with_grad: bool) -> torch.Tensor:
+    if with_grad:
+        return torch.cat(dist_fn.all_gather(x, group=group or dist.group.WORLD), dim=0)
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    parts[dist.get_rank(group)] = x  # keep the local block in the graph
+    return torch.cat(parts, dim=0)
+
+
+class GlobalContrastiveLoss(nn.Module):
+    def __init__(self, global_backprop: bool = True, logit_scale_max: float = 4.605170185988092):
+        super().__init__()
+        self.global_backprop = global_backprop
+        self.logit_scale_max = logit_scale_max
+
+    def forward(
+        self,
+        image_emb: torch.Tensor,
+        text_emb: torch.Tensor,
+        logit_scale: torch.Tensor,
+        row_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """image_emb, text_emb: (B, D) L2-normalised; row_mask (B,) bool keeps matched pairs as queries.
+
+        Returns (loss, logits_per_image (B', W*B), logits_per_text (B', W*B)).
+        """
+        B = image_emb.shape[0]
+        group = data_parallel_group()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            all_image = _gather(image_emb, group, self.global_backprop)
+            all_text = _gather(text_emb, group, self.global_backprop)
+            offset = dist.get_rank(group) * B
+        else:
+            all_image, all_text, offset = image_emb, text_emb, 0
+        scale = logit_scale.clamp(0, self.logit_scale_max).exp()
+        logits_per_image = (image_emb @ all_text.t()) * scale  # (B, W*B)
+        logits_per_text = (text_emb @ all_image.t()) * scale
+        labels = offset + torch.arange(B, device=image_emb.device)
+        if row_mask is not None:
+            logits_per_image, logits_per_text, labels = logits_per_image[row_mask], logits_per_text[row_mask], labels[row_mask]
+        loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        return loss, logits_per_image, logits_per_text

@@ -1,0 +1,242 @@
+"""FlavaForPreTraining: the three encoders, the heads and the losses of SPEC §3 for the three batch kinds.
+
+The batch kind follows from the inputs, as in `transformers`:
+  image-only  (pixel_values, bool_masked_pos, mim_labels)               -> MIM
+  text-only   (input_ids[_masked], attention_mask, mlm_labels)           -> MLM
+  image-text  (both, plus itm_labels)  -> global contrastive, ITM, MMM-image, MMM-text
+Only what the batch kind needs is computed: image-only batches never run an unmasked image pass, a
+contrastive-only model never runs the multimodal encoder, and heads only see masked positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flava_ds.model.config import FlavaConfig
+from flava_ds.model.contrastive import GlobalContrastiveLoss
+from flava_ds.model.encoders import ImageEncoder, MultimodalEncoder, TextEncoder
+from flava_ds.model.heads import ITMHead, MaskedPredictionHead
+
+IGNORE_INDEX = -100
+LOSS_NAMES = ("mim", "mlm", "itm", "global_contrastive", "mmm_image", "mmm_text")
+
+
+@dataclass
+class FlavaOutput:
+    loss: torch.Tensor | None = None  # weighted sum of the terms present
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # weighted terms, keys from LOSS_NAMES
+    image_embedding: torch.Tensor | None = None  # (B, projection_dim), L2-normalised (contrastive)
+    text_embedding: torch.Tensor | None = None
+    logits: dict[str, torch.Tensor] = field(default_factory=dict)  # mim, mlm, itm, mmm_*, contrastive_*
+
+
+class FlavaForPreTraining(nn.Module):
+    def __init__(self, config: FlavaConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        img, txt, mm = config.image, config.text, config.multimodal
+        self.image_encoder = ImageEncoder(config)
+        self.text_encoder = TextEncoder(config)
+        self.multimodal_encoder = MultimodalEncoder(config)
+        self.image_projection = nn.Linear(img.hidden_size, config.projection_dim)
+        self.text_projection = nn.Linear(txt.hidden_size, config.projection_dim)
+        self.image_to_mm_projection = nn.Linear(img.hidden_size, mm.hidden_size)
+        self.text_to_mm_projection = nn.Linear(txt.hidden_size, mm.hidden_size)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
+        self.mim_head = MaskedPredictionHead(img.hidden_size, img.codebook_vocab_size, img.layer_norm_eps)
+        self.mlm_head = MaskedPredictionHead(txt.hidden_size, txt.vocab_size, txt.layer_norm_eps)
+        self.mmm_image_head = MaskedPredictionHead(mm.hidden_size, img.codebook_vocab_size, img.layer_norm_eps)
+        self.mmm_text_head = MaskedPredictionHead(mm.hidden_size, txt.vocab_size, txt.layer_norm_eps)
+        self.itm_head = ITMHead(mm.hidden_size)
+        self.contrastive = GlobalContrastiveLoss(config.global_backprop_contrastive, config.logit_scale_max)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    # ---- interop ------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf_pretrained(cls, directory: str | Path, **config_overrides) -> FlavaForPreTraining:
+        """Load a `transformers.FlavaForPreTraining.save_pretrained` directory (no transformers import)."""
+        from flava_ds.model.interop import load_hf_pretraining
+
+        return load_hf_pretraining(cls, directory, config_overrides)
+
+    def save_hf_pretrained(self, directory: str | Path, codebook: nn.Module | None = None) -> None:
+        """Write a directory that `transformers.FlavaForPreTraining.from_pretrained` loads."""
+        from flava_ds.model.interop import save_hf_pretraining
+
+        save_hf_pretraining(self, directory, codebook)
+
+    # ---- forward ------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        input_ids_masked: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        mim_labels: torch.Tensor | None = None,
+        mlm_labels: torch.Tensor | None = None,
+        itm_labels: torch.Tensor | None = None,
+    ) -> FlavaOutput:
+        """Shapes as in `transformers.FlavaForPreTraining.forward`:
+        input_ids, input_ids_masked, attention_mask, mlm_labels: (B, L); pixel_values: (B, C, S, S);
+        bool_masked_pos, mim_labels: (B, P) (codebook ids for all patches); itm_labels: (B,). Ignore index -100.
+        """
+        self._check_inputs(input_ids, input_ids_masked, attention_mask, pixel_values, bool_masked_pos,
+                           mim_labels, mlm_labels, itm_labels)
+        has_text = input_ids is not None or input_ids_masked is not None
+        if pixel_values is not None and has_text:
+            return self._image_text(input_ids, input_ids_masked, attention_mask, pixel_values, bool_masked_pos,
+                                    mim_labels, mlm_labels, itm_labels)
+        out = FlavaOutput()
+        if pixel_values is not None:
+            _, image = self.image_encoder(pixel_values, bool_masked_pos)
+            if mim_labels is not None and self.config.mim_weight > 0:
+                self._masked_prediction(out, "mim", self.mim_head, image[:, 1:], _mim_targets(mim_labels, bool_masked_pos),
+                                        self.config.mim_weight)
+        else:
+            text_ids = input_ids_masked if input_ids_masked is not None else input_ids
+            _, text = self.text_encoder(text_ids, _padding_mask(attention_mask))
+            if mlm_labels is not None and self.config.mlm_weight > 0:
+                self._masked_prediction(out, "mlm", self.mlm_head, text, mlm_labels, self.config.mlm_weight)
+        return self._finish(out)
+
+    def _image_text(self, input_ids, input_ids_masked, attention_mask, pixel_values, bool_masked_pos,
+                    mim_labels, mlm_labels, itm_labels) -> FlavaOutput:
+        cfg, out = self.config, FlavaOutput()
+        padding = _padding_mask(attention_mask)
+        need_contrastive = cfg.global_contrastive_weight > 0 and input_ids is not None
+        need_fusion = max(cfg.itm_weight, cfg.mmm_image_weight, cfg.mmm_text_weight) > 0
+
+        image = text = None
+        if need_contrastive:  # unmasked views for the contrastive loss
+            image = self.image_encoder(pixel_values)
+            text = self.text_encoder(input_ids, padding)
+
+        row_mask = None
+        if itm_labels is not None:  # MMM and contrastive queries use matched pairs only (all if none matched)
+            matched = itm_labels.ne(0)
+            row_mask = matched | ~matched.any()
+
+        if need_fusion:
+            image_masked = image if bool_masked_pos is None and image is not None else \
+                self.image_encoder(pixel_values, bool_masked_pos)
+            text_ids = input_ids_masked if input_ids_masked is not None else input_ids
+            text_masked = text if text_ids is input_ids and text is not None else self.text_encoder(text_ids, padding)
+            fused = self.multimodal_encoder(
+                self.image_to_mm_projection(image_masked[0]), self.text_to_mm_projection(text_masked[0]), padding
+            )  # (B, 1 + 1+P + L, H)
+            if cfg.itm_weight > 0:
+                itm_logits = self.itm_head(fused[:, 0])
+                out.logits["itm"] = itm_logits
+                if itm_labels is not None:
+                    out.losses["itm"] = F.cross_entropy(itm_logits, itm_labels) * cfg.itm_weight
+            if row_mask is not None:
+                fused = fused[row_mask]
+                mim_labels = None if mim_labels is None else mim_labels[row_mask]
+                bool_masked_pos = None if bool_masked_pos is None else bool_masked_pos[row_mask]
+                mlm_labels = None if mlm_labels is None else mlm_labels[row_mask]
+            num_patches = image_masked[0].shape[1] - 1
+            if mim_labels is not None and cfg.mmm_image_weight > 0:
+                self._masked_prediction(out, "mmm_image", self.mmm_image_head, fused[:, 2 : 2 + num_patches],
+                                        _mim_targets(mim_labels, bool_masked_pos), cfg.mmm_image_weight)
+            if mlm_labels is not None and cfg.mmm_text_weight > 0:
+                self._masked_prediction(out, "mmm_text", self.mmm_text_head, fused[:, -mlm_labels.shape[1] :],
+                                        mlm_labels, cfg.mmm_text_weight)
+
+        if need_contrastive:
+            out.image_embedding = F.normalize(self.image_projection(image[1][:, 0]), dim=-1)
+            out.text_embedding = F.normalize(self.text_projection(text[1][:, 0]), dim=-1)
+            loss, per_image, per_text = self.contrastive(out.image_embedding, out.text_embedding, self.logit_scale,
+                                                         row_mask)
+            out.losses["global_contrastive"] = loss * cfg.global_contrastive_weight
+            out.logits["contrastive_per_image"], out.logits["contrastive_per_text"] = per_image, per_text
+        return self._finish(out)
+
+    @staticmethod
+    def _masked_prediction(out: FlavaOutput, name: str, head: nn.Module, states: torch.Tensor,
+                           labels: torch.Tensor, weight: float) -> None:
+        """Run `head` only on positions with a target; states (B, N, H), labels (B, N)."""
+        selected = labels.ne(IGNORE_INDEX)
+        logits = head(states[selected])  # (num_selected, vocab)
+        out.logits[name] = logits
+        if logits.shape[0] == 0:  # nothing masked: a zero that still touches the graph, never NaN
+            out.losses[name] = logits.sum() * 0.0
+        else:
+            out.losses[name] = F.cross_entropy(logits, labels[selected]) * weight
+
+    @staticmethod
+    def _finish(out: FlavaOutput) -> FlavaOutput:
+        if out.losses:
+            out.loss = torch.stack(list(out.losses.values())).sum()
+        return out
+
+    def _check_inputs(self, input_ids, input_ids_masked, attention_mask, pixel_values, bool_masked_pos,
+                      mim_labels, mlm_labels, itm_labels) -> None:
+        """Missing or wrongly shaped arguments raise ValueError naming the argument and the expected shape."""
+        img = self.config.image
+        has_text = input_ids is not None or input_ids_masked is not None
+        if pixel_values is None and not has_text:
+            raise ValueError("FlavaForPreTraining.forward: pass pixel_values (B, C, H, W) and/or input_ids (B, L)")
+        B = pixel_values.shape[0] if pixel_values is not None else (
+            input_ids if input_ids is not None else input_ids_masked).shape[0]
+        P = img.num_patches
+        if pixel_values is not None:
+            _expect("pixel_values", pixel_values, (B, img.num_channels, img.image_size, img.image_size))
+            _expect("bool_masked_pos", bool_masked_pos, (B, P))
+            _expect("mim_labels", mim_labels, (B, P))
+            if mim_labels is not None and bool_masked_pos is None:
+                raise ValueError(f"mim_labels given without bool_masked_pos: pass bool_masked_pos of shape ({B}, {P})")
+        if has_text:
+            ref = input_ids if input_ids is not None else input_ids_masked
+            if ref.dim() != 2:
+                raise ValueError(f"input_ids: expected shape (batch, seq_len), got {tuple(ref.shape)}")
+            L = ref.shape[1]
+            if L > self.config.text.max_position_embeddings:
+                raise ValueError(
+                    f"input_ids: seq_len {L} exceeds text.max_position_embeddings={self.config.text.max_position_embeddings}"
+                )
+            for name, t in (("input_ids", input_ids), ("input_ids_masked", input_ids_masked),
+                            ("attention_mask", attention_mask), ("mlm_labels", mlm_labels)):
+                _expect(name, t, (B, L))
+        else:
+            for name, t in (("attention_mask", attention_mask), ("mlm_labels", mlm_labels), ("itm_labels", itm_labels)):
+                if t is not None:
+                    raise ValueError(f"{name} given without input_ids: pass input_ids of shape (batch, seq_len)")
+        _expect("itm_labels", itm_labels, (B,))
+        if (pixel_values is not None and has_text and self.config.global_contrastive_weight > 0
+                and input_ids is None):
+            raise ValueError(f"image-text batch: the contrastive loss needs the unmasked input_ids of shape ({B}, L)")
+
+
+def _expect(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    if tensor is not None and tuple(tensor.shape) != shape:
+        raise ValueError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
+
+
+def _padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    return None if attention_mask is None else attention_mask.bool()
+
+
+def _mim_targets(mim_labels: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+    """Codebook ids at masked patches, ignore index elsewhere (never modifies the caller's tensor)."""
+    return mim_labels.masked_fill(~bool_masked_pos.bool(), IGNORE_INDEX)
