@@ -54,6 +54,10 @@ class GlobalContrastiveLoss(nn.Module):
         logits_per_text = (text_emb @ all_image.t()) * scale
         labels = offset + torch.arange(B, device=image_emb.device)
         if row_mask is not None:
-            logits_per_image, logits_per_text, labels = logits_per_image[row_mask], logits_per_text[row_mask], labels[row_mask]
+            logits_per_image, logits_per_text, labels = (
+                logits_per_image[row_mask],
+                logits_per_text[row_mask],
+                labels[row_mask],
+            )
         loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
         return loss, logits_per_image, logits_per_text

@@ -25,7 +25,9 @@ class ImageEncoder(nn.Module):
     def __init__(self, config: FlavaConfig):
         super().__init__()
         c = config.image
-        self.patch_embed = nn.Conv2d(c.num_channels, c.hidden_size, kernel_size=c.patch_size, stride=c.patch_size)
+        self.patch_embed = nn.Conv2d(
+            c.num_channels, c.hidden_size, kernel_size=c.patch_size, stride=c.patch_size
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.hidden_size))

@@ -51,7 +51,9 @@ class FlavaForPreTraining(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
         self.mim_head = MaskedPredictionHead(img.hidden_size, img.codebook_vocab_size, img.layer_norm_eps)
         self.mlm_head = MaskedPredictionHead(txt.hidden_size, txt.vocab_size, txt.layer_norm_eps)
-        self.mmm_image_head = MaskedPredictionHead(mm.hidden_size, img.codebook_vocab_size, img.layer_norm_eps)
+        self.mmm_image_head = MaskedPredictionHead(
+            mm.hidden_size, img.codebook_vocab_size, img.layer_norm_eps
+        )
         self.mmm_text_head = MaskedPredictionHead(mm.hidden_size, txt.vocab_size, txt.layer_norm_eps)
         self.itm_head = ITMHead(mm.hidden_size)
         self.contrastive = GlobalContrastiveLoss(config.global_backprop_contrastive, config.logit_scale_max)
@@ -101,18 +103,40 @@ class FlavaForPreTraining(nn.Module):
         input_ids, input_ids_masked, attention_mask, mlm_labels: (B, L); pixel_values: (B, C, S, S);
         bool_masked_pos, mim_labels: (B, P) (codebook ids for all patches); itm_labels: (B,). Ignore index -100.
         """
-        self._check_inputs(input_ids, input_ids_masked, attention_mask, pixel_values, bool_masked_pos,
-                           mim_labels, mlm_labels, itm_labels)
+        self._check_inputs(
+            input_ids,
+            input_ids_masked,
+            attention_mask,
+            pixel_values,
+            bool_masked_pos,
+            mim_labels,
+            mlm_labels,
+            itm_labels,
+        )
         has_text = input_ids is not None or input_ids_masked is not None
         if pixel_values is not None and has_text:
-            return self._image_text(input_ids, input_ids_masked, attention_mask, pixel_values, bool_masked_pos,
-                                    mim_labels, mlm_labels, itm_labels)
+            return self._image_text(
+                input_ids,
+                input_ids_masked,
+                attention_mask,
+                pixel_values,
+                bool_masked_pos,
+                mim_labels,
+                mlm_labels,
+                itm_labels,
+            )
         out = FlavaOutput()
         if pixel_values is not None:
             _, image = self.image_encoder(pixel_values, bool_masked_pos)
             if mim_labels is not None and self.config.mim_weight > 0:
-                self._masked_prediction(out, "mim", self.mim_head, image[:, 1:], _mim_targets(mim_labels, bool_masked_pos),
-                                        self.config.mim_weight)
+                self._masked_prediction(
+                    out,
+                    "mim",
+                    self.mim_head,
+                    image[:, 1:],
+                    _mim_targets(mim_labels, bool_masked_pos),
+                    self.config.mim_weight,
+                )
         else:
             text_ids = input_ids_masked if input_ids_masked is not None else input_ids
             _, text = self.text_encoder(text_ids, _padding_mask(attention_mask))
@@ -120,8 +144,17 @@ class FlavaForPreTraining(nn.Module):
                 self._masked_prediction(out, "mlm", self.mlm_head, text, mlm_labels, self.config.mlm_weight)
         return self._finish(out)
 
-    def _image_text(self, input_ids, input_ids_masked, attention_mask, pixel_values, bool_masked_pos,
-                    mim_labels, mlm_labels, itm_labels) -> FlavaOutput:
+    def _image_text(
+        self,
+        input_ids,
+        input_ids_masked,
+        attention_mask,
+        pixel_values,
+        bool_masked_pos,
+        mim_labels,
+        mlm_labels,
+        itm_labels,
+    ) -> FlavaOutput:
         cfg, out = self.config, FlavaOutput()
         padding = _padding_mask(attention_mask)
         need_contrastive = cfg.global_contrastive_weight > 0 and input_ids is not None
@@ -138,12 +171,19 @@ class FlavaForPreTraining(nn.Module):
             row_mask = matched | ~matched.any()
 
         if need_fusion:
-            image_masked = image if bool_masked_pos is None and image is not None else \
-                self.image_encoder(pixel_values, bool_masked_pos)
+            image_masked = (
+                image
+                if bool_masked_pos is None and image is not None
+                else self.image_encoder(pixel_values, bool_masked_pos)
+            )
             text_ids = input_ids_masked if input_ids_masked is not None else input_ids
-            text_masked = text if text_ids is input_ids and text is not None else self.text_encoder(text_ids, padding)
+            text_masked = (
+                text if text_ids is input_ids and text is not None else self.text_encoder(text_ids, padding)
+            )
             fused = self.multimodal_encoder(
-                self.image_to_mm_projection(image_masked[0]), self.text_to_mm_projection(text_masked[0]), padding
+                self.image_to_mm_projection(image_masked[0]),
+                self.text_to_mm_projection(text_masked[0]),
+                padding,
             )  # (B, 1 + 1+P + L, H)
             if cfg.itm_weight > 0:
                 itm_logits = self.itm_head(fused[:, 0])
@@ -157,24 +197,43 @@ class FlavaForPreTraining(nn.Module):
                 mlm_labels = None if mlm_labels is None else mlm_labels[row_mask]
             num_patches = image_masked[0].shape[1] - 1
             if mim_labels is not None and cfg.mmm_image_weight > 0:
-                self._masked_prediction(out, "mmm_image", self.mmm_image_head, fused[:, 2 : 2 + num_patches],
-                                        _mim_targets(mim_labels, bool_masked_pos), cfg.mmm_image_weight)
+                self._masked_prediction(
+                    out,
+                    "mmm_image",
+                    self.mmm_image_head,
+                    fused[:, 2 : 2 + num_patches],
+                    _mim_targets(mim_labels, bool_masked_pos),
+                    cfg.mmm_image_weight,
+                )
             if mlm_labels is not None and cfg.mmm_text_weight > 0:
-                self._masked_prediction(out, "mmm_text", self.mmm_text_head, fused[:, -mlm_labels.shape[1] :],
-                                        mlm_labels, cfg.mmm_text_weight)
+                self._masked_prediction(
+                    out,
+                    "mmm_text",
+                    self.mmm_text_head,
+                    fused[:, -mlm_labels.shape[1] :],
+                    mlm_labels,
+                    cfg.mmm_text_weight,
+                )
 
         if need_contrastive:
             out.image_embedding = F.normalize(self.image_projection(image[1][:, 0]), dim=-1)
             out.text_embedding = F.normalize(self.text_projection(text[1][:, 0]), dim=-1)
-            loss, per_image, per_text = self.contrastive(out.image_embedding, out.text_embedding, self.logit_scale,
-                                                         row_mask)
+            loss, per_image, per_text = self.contrastive(
+                out.image_embedding, out.text_embedding, self.logit_scale, row_mask
+            )
             out.losses["global_contrastive"] = loss * cfg.global_contrastive_weight
             out.logits["contrastive_per_image"], out.logits["contrastive_per_text"] = per_image, per_text
         return self._finish(out)
 
     @staticmethod
-    def _masked_prediction(out: FlavaOutput, name: str, head: nn.Module, states: torch.Tensor,
-                           labels: torch.Tensor, weight: float) -> None:
+    def _masked_prediction(
+        out: FlavaOutput,
+        name: str,
+        head: nn.Module,
+        states: torch.Tensor,
+        labels: torch.Tensor,
+        weight: float,
+    ) -> None:
         """Run `head` only on positions with a target; states (B, N, H), labels (B, N)."""
         selected = labels.ne(IGNORE_INDEX)
         logits = head(states[selected])  # (num_selected, vocab)
@@ -190,22 +249,38 @@ class FlavaForPreTraining(nn.Module):
             out.loss = torch.stack(list(out.losses.values())).sum()
         return out
 
-    def _check_inputs(self, input_ids, input_ids_masked, attention_mask, pixel_values, bool_masked_pos,
-                      mim_labels, mlm_labels, itm_labels) -> None:
+    def _check_inputs(
+        self,
+        input_ids,
+        input_ids_masked,
+        attention_mask,
+        pixel_values,
+        bool_masked_pos,
+        mim_labels,
+        mlm_labels,
+        itm_labels,
+    ) -> None:
         """Missing or wrongly shaped arguments raise ValueError naming the argument and the expected shape."""
         img = self.config.image
         has_text = input_ids is not None or input_ids_masked is not None
         if pixel_values is None and not has_text:
-            raise ValueError("FlavaForPreTraining.forward: pass pixel_values (B, C, H, W) and/or input_ids (B, L)")
-        B = pixel_values.shape[0] if pixel_values is not None else (
-            input_ids if input_ids is not None else input_ids_masked).shape[0]
+            raise ValueError(
+                "FlavaForPreTraining.forward: pass pixel_values (B, C, H, W) and/or input_ids (B, L)"
+            )
+        B = (
+            pixel_values.shape[0]
+            if pixel_values is not None
+            else (input_ids if input_ids is not None else input_ids_masked).shape[0]
+        )
         P = img.num_patches
         if pixel_values is not None:
             _expect("pixel_values", pixel_values, (B, img.num_channels, img.image_size, img.image_size))
             _expect("bool_masked_pos", bool_masked_pos, (B, P))
             _expect("mim_labels", mim_labels, (B, P))
             if mim_labels is not None and bool_masked_pos is None:
-                raise ValueError(f"mim_labels given without bool_masked_pos: pass bool_masked_pos of shape ({B}, {P})")
+                raise ValueError(
+                    f"mim_labels given without bool_masked_pos: pass bool_masked_pos of shape ({B}, {P})"
+                )
         if has_text:
             ref = input_ids if input_ids is not None else input_ids_masked
             if ref.dim() != 2:
@@ -215,17 +290,33 @@ class FlavaForPreTraining(nn.Module):
                 raise ValueError(
                     f"input_ids: seq_len {L} exceeds text.max_position_embeddings={self.config.text.max_position_embeddings}"
                 )
-            for name, t in (("input_ids", input_ids), ("input_ids_masked", input_ids_masked),
-                            ("attention_mask", attention_mask), ("mlm_labels", mlm_labels)):
+            for name, t in (
+                ("input_ids", input_ids),
+                ("input_ids_masked", input_ids_masked),
+                ("attention_mask", attention_mask),
+                ("mlm_labels", mlm_labels),
+            ):
                 _expect(name, t, (B, L))
         else:
-            for name, t in (("attention_mask", attention_mask), ("mlm_labels", mlm_labels), ("itm_labels", itm_labels)):
+            for name, t in (
+                ("attention_mask", attention_mask),
+                ("mlm_labels", mlm_labels),
+                ("itm_labels", itm_labels),
+            ):
                 if t is not None:
-                    raise ValueError(f"{name} given without input_ids: pass input_ids of shape (batch, seq_len)")
+                    raise ValueError(
+                        f"{name} given without input_ids: pass input_ids of shape (batch, seq_len)"
+                    )
         _expect("itm_labels", itm_labels, (B,))
-        if (pixel_values is not None and has_text and self.config.global_contrastive_weight > 0
-                and input_ids is None):
-            raise ValueError(f"image-text batch: the contrastive loss needs the unmasked input_ids of shape ({B}, L)")
+        if (
+            pixel_values is not None
+            and has_text
+            and self.config.global_contrastive_weight > 0
+            and input_ids is None
+        ):
+            raise ValueError(
+                f"image-text batch: the contrastive loss needs the unmasked input_ids of shape ({B}, L)"
+            )
 
 
 def _expect(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> None:

@@ -25,13 +25,19 @@ _RULES: list[tuple[str, str]] = [
     (r"^image_encoder\.patch_embed\.", "flava.image_model.embeddings.patch_embeddings.projection."),
     (r"^image_encoder\.(cls_token|mask_token)$", r"flava.image_model.embeddings.\1"),
     (r"^image_encoder\.pos_embed$", "flava.image_model.embeddings.position_embeddings"),
-    (r"^text_encoder\.(word|position|token_type)_embeddings\.", r"flava.text_model.embeddings.\1_embeddings."),
+    (
+        r"^text_encoder\.(word|position|token_type)_embeddings\.",
+        r"flava.text_model.embeddings.\1_embeddings.",
+    ),
     (r"^text_encoder\.embed_norm\.", "flava.text_model.embeddings.LayerNorm."),
     (r"^multimodal_encoder\.cls_token$", "flava.multimodal_model.cls_token"),
     (r"^(image|text|multimodal)_encoder\.encoder\.layers\.(\d+)\.", r"flava.\1_model.encoder.layer.\2."),
     (r"^(image|text|multimodal)_encoder\.final_norm\.", r"flava.\1_model.layernorm."),
     (r"^(image|text|multimodal)_encoder\.pooler\.", r"flava.\1_model.pooler.dense."),
-    (r"^(image_projection|text_projection|image_to_mm_projection|text_to_mm_projection|logit_scale)", r"flava.\1"),
+    (
+        r"^(image_projection|text_projection|image_to_mm_projection|text_to_mm_projection|logit_scale)",
+        r"flava.\1",
+    ),
     (_HEADS + r"\.dense\.", r"\1_head.transform.dense."),
     (_HEADS + r"\.norm\.", r"\1_head.transform.LayerNorm."),
     (r"^itm_head\.pooler\.", "itm_head.pooler.dense."),
@@ -57,7 +63,9 @@ def hf_names(name: str) -> list[str]:
         match = _QKV.search(name)
         if match:
             stem = name[: match.start()]
-            return [f"{stem}.attention.attention.{part}.{match.group(1)}" for part in ("query", "key", "value")]
+            return [
+                f"{stem}.attention.attention.{part}.{match.group(1)}" for part in ("query", "key", "value")
+            ]
     return [name]
 
 
@@ -71,15 +79,22 @@ def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def from_hf_state_dict(hf_state: dict[str, torch.Tensor], template: dict[str, torch.Tensor],
-                       where: str) -> dict[str, torch.Tensor]:
+def from_hf_state_dict(
+    hf_state: dict[str, torch.Tensor], template: dict[str, torch.Tensor], where: str
+) -> dict[str, torch.Tensor]:
     """hf tensors -> our state dict shaped like `template`; names the key on any mismatch."""
     wanted = {target for name in template for target in hf_names(name)}
-    present = {k for k in hf_state if not k.startswith("image_codebook.") and not re.fullmatch(_HEADS + r"\.bias", k)}
+    present = {
+        k for k in hf_state if not k.startswith("image_codebook.") and not re.fullmatch(_HEADS + r"\.bias", k)
+    }
     expect_keys(where, present, wanted)
     state = {}
     for name, like in template.items():
-        tensor = torch.cat([hf_state[t] for t in hf_names(name)], dim=0) if _QKV.search(name) else hf_state[hf_names(name)[0]]
+        tensor = (
+            torch.cat([hf_state[t] for t in hf_names(name)], dim=0)
+            if _QKV.search(name)
+            else hf_state[hf_names(name)[0]]
+        )
         if tensor.shape != like.shape:
             raise CheckpointError(
                 f"{where}: key {hf_names(name)[0]!r} has shape {tuple(tensor.shape)} but config.json implies "
@@ -90,17 +105,40 @@ def from_hf_state_dict(hf_state: dict[str, torch.Tensor], template: dict[str, to
 
 
 # ---- configs ------------------------------------------------------------------------------------------
-_ENCODER_KEYS = {"hidden_size": "hidden_size", "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
-                 "intermediate_size": "mlp_size", "layer_norm_eps": "layer_norm_eps", "qkv_bias": "qkv_bias"}
-_IMAGE_KEYS = {**_ENCODER_KEYS, "image_size": "image_size", "patch_size": "patch_size",
-               "num_channels": "num_channels", "vocab_size": "codebook_vocab_size"}
-_TEXT_KEYS = {**_ENCODER_KEYS, "vocab_size": "vocab_size", "max_position_embeddings": "max_position_embeddings",
-              "type_vocab_size": "type_vocab_size", "pad_token_id": "pad_token_id"}
-_TOP_KEYS = {"projection_dim": "projection_dim", "logit_scale_init_value": "logit_scale_init",
-             "initializer_range": "initializer_range", "mim_weight": "mim_weight", "mlm_weight": "mlm_weight",
-             "itm_weight": "itm_weight", "global_contrastive_weight": "global_contrastive_weight",
-             "mmm_image_weight": "mmm_image_weight", "mmm_text_weight": "mmm_text_weight",
-             "global_backprop_contrastive": "global_backprop_contrastive"}
+_ENCODER_KEYS = {
+    "hidden_size": "hidden_size",
+    "num_hidden_layers": "num_layers",
+    "num_attention_heads": "num_heads",
+    "intermediate_size": "mlp_size",
+    "layer_norm_eps": "layer_norm_eps",
+    "qkv_bias": "qkv_bias",
+}
+_IMAGE_KEYS = {
+    **_ENCODER_KEYS,
+    "image_size": "image_size",
+    "patch_size": "patch_size",
+    "num_channels": "num_channels",
+    "vocab_size": "codebook_vocab_size",
+}
+_TEXT_KEYS = {
+    **_ENCODER_KEYS,
+    "vocab_size": "vocab_size",
+    "max_position_embeddings": "max_position_embeddings",
+    "type_vocab_size": "type_vocab_size",
+    "pad_token_id": "pad_token_id",
+}
+_TOP_KEYS = {
+    "projection_dim": "projection_dim",
+    "logit_scale_init_value": "logit_scale_init",
+    "initializer_range": "initializer_range",
+    "mim_weight": "mim_weight",
+    "mlm_weight": "mlm_weight",
+    "itm_weight": "itm_weight",
+    "global_contrastive_weight": "global_contrastive_weight",
+    "mmm_image_weight": "mmm_image_weight",
+    "mmm_text_weight": "mmm_text_weight",
+    "global_backprop_contrastive": "global_backprop_contrastive",
+}
 # Values this implementation fixes; a checkpoint asking for anything else is refused with the key named.
 _FIXED = {"hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
 
@@ -108,7 +146,9 @@ _FIXED = {"hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dro
 def _sub_from_hf(raw: dict, keys: dict[str, str], where: str) -> dict:
     for key, value in _FIXED.items():
         if key in raw and raw[key] != value:
-            raise CheckpointError(f"{where}.{key}={raw[key]!r} is not supported (this implementation uses {value!r})")
+            raise CheckpointError(
+                f"{where}.{key}={raw[key]!r} is not supported (this implementation uses {value!r})"
+            )
     return {ours: raw[theirs] for theirs, ours in keys.items() if theirs in raw}
 
 
@@ -124,7 +164,9 @@ def config_from_hf(raw: dict, path: str) -> dict:
         raise CheckpointError(f"{path}: multimodal_config.use_cls_token must be true")
     mm_hidden = raw["multimodal_config"].get("hidden_size", 768)
     if raw.get("hidden_size", 768) != mm_hidden:
-        raise CheckpointError(f"{path}: hidden_size={raw.get('hidden_size')} must equal multimodal_config.hidden_size")
+        raise CheckpointError(
+            f"{path}: hidden_size={raw.get('hidden_size')} must equal multimodal_config.hidden_size"
+        )
     return {
         "image": _sub_from_hf(raw["image_config"], _IMAGE_KEYS, f"{path}: image_config"),
         "text": _sub_from_hf(raw["text_config"], _TEXT_KEYS, f"{path}: text_config"),
@@ -143,8 +185,12 @@ def config_to_hf(config: FlavaConfig, codebook_config: dict | None) -> dict:
         )
 
     def sub(enc: ImageConfig | TextConfig | MultimodalConfig, keys: dict[str, str], model_type: str) -> dict:
-        return {**{theirs: getattr(enc, ours) for theirs, ours in keys.items()}, **_FIXED,
-                "initializer_range": config.initializer_range, "model_type": model_type}
+        return {
+            **{theirs: getattr(enc, ours) for theirs, ours in keys.items()},
+            **_FIXED,
+            "initializer_range": config.initializer_range,
+            "model_type": model_type,
+        }
 
     return {
         "model_type": "flava",
@@ -164,7 +210,9 @@ def config_to_hf(config: FlavaConfig, codebook_config: dict | None) -> dict:
 
 
 # ---- directories ----------------------------------------------------------------------------------------
-def load_hf_pretraining(cls: type[FlavaForPreTraining], directory: str | Path, overrides: dict) -> FlavaForPreTraining:
+def load_hf_pretraining(
+    cls: type[FlavaForPreTraining], directory: str | Path, overrides: dict
+) -> FlavaForPreTraining:
     raw = read_config(directory)
     config_path = str(Path(directory) / "config.json")
     values = config_from_hf(raw, config_path)
@@ -183,7 +231,9 @@ def load_hf_pretraining(cls: type[FlavaForPreTraining], directory: str | Path, o
     return model
 
 
-def save_hf_pretraining(model: FlavaForPreTraining, directory: str | Path, codebook: nn.Module | None) -> None:
+def save_hf_pretraining(
+    model: FlavaForPreTraining, directory: str | Path, codebook: nn.Module | None
+) -> None:
     codebook_config = codebook.to_hf_config() if codebook is not None else None
     state = to_hf_state_dict(model.state_dict())
     if codebook is not None:

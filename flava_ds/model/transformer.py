@@ -20,7 +20,9 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         B, N, _ = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
+        q, k, v = (
+            self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        )  # (B, h, N, d)
         out = attention(q, k, v, key_padding_mask, self.attn_impl)  # (B, h, N, d)
         return self.proj(out.transpose(1, 2).reshape(B, N, -1))
 
