@@ -128,7 +128,8 @@ class FlavaCodebook(nn.Module):
         """pixels in [0, 1]; applies DALL-E's x*0.8+0.1 mapping itself."""
         if pixels.dim() != 4 or pixels.shape[1] != self.config.input_channels:
             raise ValueError(
-                f"pixels: expected shape (batch, {self.config.input_channels}, height, width), got {tuple(pixels.shape)}"
+                f"pixels: expected shape (batch, {self.config.input_channels}, height, width), "
+                f"got {tuple(pixels.shape)}"
             )
         logits = self.blocks(pixels.to(self.blocks.input.weight.dtype) * 0.8 + 0.1)
         return logits.argmax(dim=1)

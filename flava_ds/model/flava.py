@@ -288,7 +288,8 @@ class FlavaForPreTraining(nn.Module):
             L = ref.shape[1]
             if L > self.config.text.max_position_embeddings:
                 raise ValueError(
-                    f"input_ids: seq_len {L} exceeds text.max_position_embeddings={self.config.text.max_position_embeddings}"
+                    f"input_ids: seq_len {L} exceeds "
+                    f"text.max_position_embeddings={self.config.text.max_position_embeddings}"
                 )
             for name, t in (
                 ("input_ids", input_ids),

@@ -1,0 +1,511 @@
+"""Fused bidirectional attention in Triton (FlashAttention-2 forward and backward).
+
+The forward pass streams key/value blocks through an online softmax (running max and sum, fp32
+accumulation) and keeps only the output and one log-sum-exp per query row, so no (seq x seq) tensor
+is ever stored. The backward pass recomputes the attention probabilities from q, k and the saved
+log-sum-exp: a preprocess kernel computes ``delta = rowsum(dO * O)``, one kernel per key block
+accumulates dK and dV, and a separate kernel per query block accumulates dQ (no atomics, so the
+gradients are deterministic).
+
+Triton decides at decoration time whether a kernel is compiled for the GPU or run by its CPU
+interpreter (``TRITON_INTERPRET=1``), so the kernels below are plain functions that are decorated on
+first use, once per mode. That keeps ``import flava_ds.kernels`` free of Triton and lets a test turn
+the interpreter on after another module has already imported this one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the kernels are optional: calling them explains what to use instead
+    triton = None
+    tl = None
+
+__all__ = ["flash_attention", "triton_available"]
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_LOG2E = math.log2(math.e)
+
+
+def triton_available() -> bool:
+    """Whether Triton is importable (it says nothing about a GPU being present)."""
+    return triton is not None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels. Scores are kept in base 2 (``qk_scale = softmax_scale * log2(e)``) so that exp2 can be used.
+# The saved LSE is therefore ``log2(sum_j 2^(s_ij))`` of the scaled base-2 scores, and it is +inf for a
+# query row whose keys are all padding: every probability recomputed from it is exp2(-inf) = 0.
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _attn_fwd_kernel(
+    Q, K, V, Mask, Out, Lse,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_mask_b, stride_mask_n,
+    num_heads, seq_q, seq_k, seq_bucket, qk_scale,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program computes BLOCK_M output rows of one (batch, head); ``seq_bucket`` is an autotune key."""
+    num_m_blocks = tl.cdiv(seq_q, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq_q
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, seq_k, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < seq_k
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=col_ok[:, None], other=0.0)
+        if HAS_MASK:
+            keep = tl.load(Mask + b * stride_mask_b + offs_n * stride_mask_n, mask=col_ok, other=0)
+            col_ok = col_ok & (keep != 0)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # While a row has seen only masked keys its max is -inf; subtracting 0 instead avoids inf - inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    no_keys = l_i == 0.0
+    l_safe = tl.where(no_keys, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    lse = tl.where(no_keys, float("inf"), m_i + tl.log2(l_safe))
+    tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
+
+
+def _attn_bwd_preprocess_kernel(
+    Out, dOut, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    num_heads, seq_q,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """delta_i = sum_d dO_id * O_id, the row term of the softmax gradient, in fp32."""
+    num_m_blocks = tl.cdiv(seq_q, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq_q
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(dOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + pid_bh.to(tl.int64) * seq_q + offs_m, delta, mask=row_ok)
+
+
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, Mask, dOut, Lse, Delta, dK, dV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    stride_mask_b, stride_mask_n,
+    num_heads, seq_q, seq_k, seq_bucket, qk_scale, sm_scale,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program owns BLOCK_N keys of one (batch, head) and sweeps all query blocks for dK and dV.
+
+    Everything is computed transposed (keys as rows) so the block's dK/dV accumulate without atomics.
+    """
+    num_n_blocks = tl.cdiv(seq_k, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % num_n_blocks
+    pid_bh = pid // num_n_blocks
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_range = offs_n < seq_k
+    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=in_range[:, None], other=0.0)
+    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=in_range[:, None], other=0.0)
+    col_ok = in_range
+    if HAS_MASK:
+        keep = tl.load(Mask + b * stride_mask_b + offs_n * stride_mask_n, mask=in_range, other=0)
+        col_ok = col_ok & (keep != 0)
+
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = dOut + b * stride_dob + h * stride_doh
+    row_stats = pid_bh.to(tl.int64) * seq_q
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, seq_q, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < seq_q
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=row_ok[:, None], other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                     mask=row_ok[:, None], other=0.0)
+        # +inf LSE makes padded-out query rows (and rows with no valid key) contribute exactly zero.
+        lse = tl.load(Lse + row_stats + offs_m, mask=row_ok, other=float("inf"))
+        delta = tl.load(Delta + row_stats + offs_m, mask=row_ok, other=0.0)
+
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        p_t = tl.where(col_ok[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+
+    dk = dk * sm_scale
+    tl.store(dK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             dk.to(dK.dtype.element_ty), mask=in_range[:, None])
+    tl.store(dV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(dV.dtype.element_ty), mask=in_range[:, None])
+
+
+def _attn_bwd_dq_kernel(
+    Q, K, V, Mask, dOut, Lse, Delta, dQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    stride_mask_b, stride_mask_n,
+    num_heads, seq_q, seq_k, seq_bucket, qk_scale, sm_scale,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One program owns BLOCK_M queries of one (batch, head) and sweeps all key blocks for dQ."""
+    num_m_blocks = tl.cdiv(seq_q, BLOCK_M)
+    pid = tl.program_id(0)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < seq_q
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=row_ok[:, None], other=0.0)
+    do = tl.load(dOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
+                 + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+    row_stats = pid_bh.to(tl.int64) * seq_q
+    lse = tl.load(Lse + row_stats + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + row_stats + offs_m, mask=row_ok, other=0.0)
+
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, seq_k, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        col_ok = offs_n < seq_k
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=col_ok[:, None], other=0.0)
+        if HAS_MASK:
+            keep = tl.load(Mask + b * stride_mask_b + offs_n * stride_mask_n, mask=col_ok, other=0)
+            col_ok = col_ok & (keep != 0)
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        p = tl.where(col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+
+    dq = dq * sm_scale
+    tl.store(dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             dq.to(dQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Autotuning and kernel construction
+# ---------------------------------------------------------------------------------------------------------
+
+_AUTOTUNE_KEY = ["seq_bucket", "BLOCK_D"]
+_PREPROCESS_BLOCK_M = 64
+# The sequence arguments only feed masks, so specialising on their divisibility would just add compiles.
+_NO_SPECIALIZE = ["seq_q", "seq_k", "seq_bucket"]
+
+
+@dataclass(frozen=True)
+class _Kernels:
+    fwd: Any
+    bwd_preprocess: Any
+    bwd_dkdv: Any
+    bwd_dq: Any
+
+
+def _config(block_m: int, block_n: int, num_warps: int, num_stages: int) -> Any:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+def _autotune_configs(kind: str, interpret: bool) -> list[Any]:
+    """Candidate tilings for ``kind`` ('fwd' or 'bwd'); one small tile under the interpreter (no tuning).
+
+    In the backward kernels BLOCK_M tiles queries and BLOCK_N tiles keys, as in the forward. The lists
+    stay short because every candidate is compiled for each (dtype, head_dim, mask) variant.
+    """
+    if interpret:
+        # Unequal tiles so CPU tests catch any mix-up of the query and key block sizes.
+        return [_config(32, 16, 4, 1)] if kind == "fwd" else [_config(16, 32, 4, 1)]
+    major, _ = torch.cuda.get_device_capability() if torch.cuda.is_available() else (8, 0)
+    if kind == "fwd":
+        if major >= 9:  # Hopper (H100/H200): large query tiles, deeper pipelines
+            return [_config(128, 64, 4, 3), _config(128, 64, 8, 3), _config(128, 128, 8, 2),
+                    _config(128, 128, 8, 3), _config(128, 64, 4, 4), _config(64, 64, 4, 3)]
+        return [_config(128, 64, 4, 2), _config(128, 64, 8, 3), _config(64, 64, 4, 3),  # Ampere and older
+                _config(128, 32, 4, 3), _config(64, 32, 4, 2)]
+    if major >= 9:
+        return [_config(64, 64, 4, 2), _config(64, 128, 8, 2), _config(128, 64, 8, 2), _config(64, 64, 4, 3),
+                _config(128, 128, 8, 2)]
+    return [_config(64, 64, 4, 2), _config(32, 64, 4, 2), _config(64, 32, 4, 2), _config(64, 128, 8, 2)]
+
+
+@functools.cache
+def _build_kernels(interpret: bool) -> _Kernels:
+    """Decorate the kernels for the current mode; ``interpret`` must match ``TRITON_INTERPRET`` now."""
+
+    def tuned(fn: Any, kind: str) -> Any:
+        jitted = triton.jit(fn, do_not_specialize=_NO_SPECIALIZE)
+        return triton.autotune(_autotune_configs(kind, interpret), key=_AUTOTUNE_KEY, cache_results=True)(jitted)
+
+    return _Kernels(
+        fwd=tuned(_attn_fwd_kernel, "fwd"),
+        bwd_preprocess=triton.jit(_attn_bwd_preprocess_kernel, do_not_specialize=["seq_q"]),
+        bwd_dkdv=tuned(_attn_bwd_dkdv_kernel, "bwd"),
+        bwd_dq=tuned(_attn_bwd_dq_kernel, "bwd"),
+    )
+
+
+def _interpret_mode() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _kernels() -> _Kernels:
+    return _build_kernels(_interpret_mode())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Host side
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _check_runnable(q: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError(
+            "flash_attention needs the `triton` package, which is not installed. "
+            "Use attn_impl='sdpa' (torch.nn.functional.scaled_dot_product_attention) instead."
+        )
+    if not q.is_cuda and not _interpret_mode():
+        raise RuntimeError(
+            f"flash_attention got tensors on '{q.device}', but its Triton kernels run on CUDA GPUs. "
+            "Use attn_impl='sdpa' on this device, or set TRITON_INTERPRET=1 to run the kernels in "
+            "Triton's CPU interpreter (slow; meant for correctness checks)."
+        )
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be (batch, heads, seq, head_dim); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            "q, k, v must share batch, heads and head_dim (k and v also seq); "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _SUPPORTED_DTYPES:
+        raise ValueError(f"q, k, v must share one dtype out of fp32/fp16/bf16; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if q.shape[3] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"flash_attention supports head_dim in {SUPPORTED_HEAD_DIMS}, got {q.shape[3]}; "
+            "use attn_impl='sdpa' for other head sizes."
+        )
+    if key_padding_mask is not None:
+        expected = (k.shape[0], k.shape[2])
+        if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != expected:
+            raise ValueError(
+                f"key_padding_mask must be a bool tensor of shape {expected} (True = real token); "
+                f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, q on {q.device}")
+
+
+def _device_guard(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
+    """Triton launches on the current CUDA device, which need not be the tensors' device."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _seq_bucket(seq_q: int, seq_k: int) -> int:
+    return max(16, triton.next_power_of_2(max(seq_q, seq_k)))
+
+
+def _mask_args(mask: torch.Tensor | None, fallback: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """Kernel arguments for the padding mask; with no mask any pointer will do, it is never read."""
+    if mask is None:
+        return fallback, 0, 0
+    as_bytes = mask.view(torch.uint8)  # bool and uint8 share a layout; Triton loads bytes more simply
+    return as_bytes, as_bytes.stride(0), as_bytes.stride(1)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs stay fp32 (no TF32) so the kernel matches the eager reference; 16-bit inputs use MMA anyway.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, sm_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    out = torch.empty_like(q)  # same layout as q, so a (B, N, H, D) view of it stays free
+    lse = torch.empty((batch, heads, seq_q), device=q.device, dtype=torch.float32)
+    mask_arg, mask_stride_b, mask_stride_n = _mask_args(mask, q)
+
+    def grid(meta: dict[str, Any]) -> tuple[int]:
+        return (triton.cdiv(seq_q, meta["BLOCK_M"]) * batch * heads,)
+
+    _kernels().fwd[grid](
+        q, k, v, mask_arg, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        mask_stride_b, mask_stride_n,
+        heads, seq_q, seq_k, _seq_bucket(seq_q, seq_k), sm_scale * _LOG2E,
+        HAS_MASK=mask is not None, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=head_dim,
+    )  # fmt: skip
+    return out, lse
+
+
+def _backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    mask: torch.Tensor | None,
+    sm_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, heads, seq_q, head_dim = q.shape
+    seq_k = k.shape[2]
+    kernels = _kernels()
+    delta = torch.empty_like(lse)
+    kernels.bwd_preprocess[(triton.cdiv(seq_q, _PREPROCESS_BLOCK_M) * batch * heads,)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_q,
+        BLOCK_M=_PREPROCESS_BLOCK_M, BLOCK_D=head_dim,
+    )  # fmt: skip
+
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    mask_arg, mask_stride_b, mask_stride_n = _mask_args(mask, q)
+    common = dict(
+        HAS_MASK=mask is not None, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=head_dim,
+    )  # fmt: skip
+    scalars = (heads, seq_q, seq_k, _seq_bucket(seq_q, seq_k), sm_scale * _LOG2E, sm_scale)
+
+    def dkdv_grid(meta: dict[str, Any]) -> tuple[int]:
+        return (triton.cdiv(seq_k, meta["BLOCK_N"]) * batch * heads,)
+
+    kernels.bwd_dkdv[dkdv_grid](
+        q, k, v, mask_arg, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dk.stride(), *dv.stride(),
+        mask_stride_b, mask_stride_n, *scalars, **common,
+    )  # fmt: skip
+
+    def dq_grid(meta: dict[str, Any]) -> tuple[int]:
+        return (triton.cdiv(seq_q, meta["BLOCK_M"]) * batch * heads,)
+
+    kernels.bwd_dq[dq_grid](
+        q, k, v, mask_arg, grad_out, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
+        mask_stride_b, mask_stride_n, *scalars, **common,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+class _FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        sm_scale: float,
+    ) -> torch.Tensor:
+        with _device_guard(q):
+            out, lse = _forward(q, k, v, key_padding_mask, sm_scale)
+        ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
+        ctx.sm_scale = sm_scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
+        with _device_guard(q):
+            dq, dk, dv = _backward(grad_out, q, k, v, out, lse, key_padding_mask, ctx.sm_scale)
+        return dq, dk, dv, None, None
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Bidirectional softmax attention ``softmax(q k^T * scale) v`` with fused Triton kernels.
+
+    q: (batch, heads, seq_q, head_dim); k, v: (batch, heads, seq_k, head_dim); one dtype out of
+    fp32/fp16/bf16, any strides, head_dim in 16/32/64/128. ``key_padding_mask`` is (batch, seq_k) bool
+    with True for real tokens; padded keys get zero weight, and a query whose keys are all padding
+    gets a zero output and zero gradients. ``softmax_scale`` defaults to 1/sqrt(head_dim).
+    Returns a tensor shaped and typed like q. Raises RuntimeError when the kernels cannot run here
+    (no Triton, or CPU tensors without TRITON_INTERPRET=1); it never falls back silently.
+    """
+    _check_runnable(q)
+    _check_inputs(q, k, v, key_padding_mask)
+    scale = softmax_scale if softmax_scale is not None else q.shape[3] ** -0.5
+    return _FlashAttentionFunction.apply(q, k, v, key_padding_mask, float(scale))
