@@ -1,0 +1,261 @@
+"""Deterministic, resumable data order: per-stream samplers, weighted blending and the task mixer.
+
+A stream's order is a pure function of (seed, global batch size, consumed samples), so a checkpoint
+only stores `consumed_samples` and a resumed run sees exactly the samples an uninterrupted one
+would. Samplers yield `SampleKey`s (index + the epoch of that index) instead of bare indices so
+that datasets can draw per-sample randomness (masks, crops, ITM negatives) from
+`sample_rng(seed, key)`: different every epoch, identical after a resume, and independent of the
+number of data-parallel ranks or loader workers.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+
+class SampleKey(NamedTuple):
+    """Which sample to load: `index` into dataset `dataset` (0 unless blended), drawn in `epoch`."""
+
+    index: int
+    epoch: int = 0
+    dataset: int = 0
+
+
+def sample_rng(seed: int, key: SampleKey | int, *extra: int) -> np.random.Generator:
+    """The random generator of one sample draw: a pure function of (seed, key, extra)."""
+    key = key if isinstance(key, SampleKey) else SampleKey(int(key))
+    return np.random.default_rng([seed, key.dataset, key.epoch, key.index, *extra])
+
+
+def epoch_permutation(num_samples: int, seed: int | tuple[int, ...], epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The order of one epoch over `num_samples` items."""
+    if not shuffle:
+        return np.arange(num_samples)
+    seed = seed if isinstance(seed, tuple) else (seed,)
+    return np.random.default_rng([*seed, epoch]).permutation(num_samples)
+
+
+class BlendedIndex:
+    """Weighted blend of several datasets, like Megatron's BlendedDataset, as an endless sample stream.
+
+    Stream position p goes to dataset `d` by greedy error minimisation (each position picks the
+    dataset furthest below its weighted share), computed for a block of `block_size` positions and
+    repeated, so the shares hold to within 1/block_size at every block end and memory stays bounded.
+    Each dataset's draws walk through its own epochs, each in a (seed, dataset, epoch) order.
+    """
+
+    def __init__(self, sizes: Sequence[int], weights: Sequence[float], seed: int = 0, block_size: int = 10_000):
+        if len(sizes) != len(weights) or not sizes:
+            raise ValueError(f"need one weight per dataset; got {len(sizes)} sizes and {len(weights)} weights")
+        if any(int(n) <= 0 for n in sizes):
+            raise ValueError(f"every blended dataset must be non-empty; sizes {list(sizes)}")
+        weights = np.asarray(weights, dtype=np.float64)
+        if not np.all(np.isfinite(weights)) or (weights < 0).any() or weights.sum() <= 0:
+            raise ValueError(f"blend weights must be finite, non-negative and not all zero; got {weights.tolist()}")
+        self.sizes = [int(n) for n in sizes]
+        self.weights = weights / weights.sum()
+        self.seed = seed
+        self.block_size = block_size
+        self._block_dataset, self._block_rank, self._block_counts = self._greedy_block()
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}
+
+    def _greedy_block(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        counts = np.zeros(len(self.sizes), dtype=np.int64)
+        dataset = np.empty(self.block_size, dtype=np.int64)
+        rank = np.empty(self.block_size, dtype=np.int64)
+        for p in range(self.block_size):
+            d = int(np.argmax(self.weights * (p + 1) - counts))
+            dataset[p], rank[p] = d, counts[d]
+            counts[d] += 1
+        return dataset, rank, counts
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sizes": self.sizes, "weights": self.weights.tolist(), "seed": self.seed, "block": self.block_size}
+
+    def locate(self, positions: np.ndarray | Sequence[int]) -> list[SampleKey]:
+        """Stream positions -> (dataset, index in that dataset, that dataset's epoch)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        block, offset = np.divmod(positions, self.block_size)
+        datasets = self._block_dataset[offset]
+        draws = block * self._block_counts[datasets] + self._block_rank[offset]
+        keys = []
+        for d, draw in zip(datasets.tolist(), draws.tolist()):
+            epoch, pos = divmod(draw, self.sizes[d])
+            keys.append(SampleKey(int(self._order(d, epoch)[pos]), epoch, d))
+        return keys
+
+    def _order(self, dataset: int, epoch: int) -> np.ndarray:
+        """Dataset `dataset`'s order in its epoch `epoch`; the latest epoch of each dataset is cached."""
+        cached = self._orders.get(dataset)
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, epoch_permutation(self.sizes[dataset], (self.seed, dataset), epoch))
+            self._orders[dataset] = cached
+        return cached[1]
+
+
+class ResumableDistributedSampler:
+    """Batch sampler over one stream, sharded over data-parallel ranks and resumable at any global batch.
+
+    The stream is cut into global batches of G = micro_batch_size * dp_size samples; rank r gets
+    items [r * micro, (r + 1) * micro) of each, so the union over ranks is the 1-rank stream with
+    the same G. Over one dataset of `source` samples each epoch is a (seed, epoch) permutation with
+    the incomplete last global batch dropped, and epochs roll over forever. With a `BlendedIndex`
+    as `source` the stream is the blend's endless sequence.
+
+    Iterating yields lists of `SampleKey` starting at `consumed_samples` and does not move it: the
+    trainer calls `advance()` for every global batch it trains on, so loader prefetching never
+    leaks into checkpoints (`state_dict`).
+    """
+
+    def __init__(
+        self,
+        source: int | BlendedIndex,
+        micro_batch_size: int,
+        *,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        consumed_samples: int = 0,
+    ):
+        if micro_batch_size <= 0 or dp_size <= 0 or not 0 <= dp_rank < dp_size:
+            raise ValueError(f"bad sharding: micro_batch_size={micro_batch_size}, rank {dp_rank} of {dp_size}")
+        self.source = source
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.seed, self.shuffle = seed, shuffle
+        self.global_batch_size = micro_batch_size * dp_size
+        if isinstance(source, int) and source < self.global_batch_size:
+            raise ValueError(f"dataset of {source} samples is smaller than one global batch ({self.global_batch_size})")
+        self._check_consumed(consumed_samples)
+        self.consumed_samples = consumed_samples
+        self._epoch_cache: tuple[int, np.ndarray] | None = None
+
+    def _check_consumed(self, consumed: int) -> None:
+        if consumed < 0 or consumed % self.global_batch_size:
+            raise ValueError(
+                f"consumed_samples {consumed} is not a multiple of the global batch {self.global_batch_size}"
+            )
+
+    @property
+    def samples_per_epoch(self) -> int | None:
+        """Samples used per epoch (incomplete last global batch dropped); None for a blend."""
+        if isinstance(self.source, BlendedIndex):
+            return None
+        return self.source // self.global_batch_size * self.global_batch_size
+
+    @property
+    def epoch(self) -> int:
+        spe = self.samples_per_epoch
+        return 0 if spe is None else self.consumed_samples // spe
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            self._epoch_cache = (epoch, epoch_permutation(self.source, self.seed, epoch, self.shuffle))
+        return self._epoch_cache[1]
+
+    def global_batch(self, consumed: int) -> list[SampleKey]:
+        """All G keys of the global batch that starts at stream position `consumed`."""
+        self._check_consumed(consumed)
+        if isinstance(self.source, BlendedIndex):
+            return self.source.locate(np.arange(consumed, consumed + self.global_batch_size))
+        epoch, offset = divmod(consumed, self.samples_per_epoch)
+        chunk = self._order(epoch)[offset : offset + self.global_batch_size]
+        return [SampleKey(int(i), epoch) for i in chunk]
+
+    def micro_batch(self, consumed: int) -> list[SampleKey]:
+        """This rank's share of the global batch starting at `consumed`."""
+        start = self.dp_rank * self.micro_batch_size
+        if isinstance(self.source, BlendedIndex):
+            first = consumed + start
+            return self.source.locate(np.arange(first, first + self.micro_batch_size))
+        return self.global_batch(consumed)[start : start + self.micro_batch_size]
+
+    def __iter__(self) -> Iterator[list[SampleKey]]:
+        consumed = self.consumed_samples
+        while True:
+            yield self.micro_batch(consumed)
+            consumed += self.global_batch_size
+
+    def advance(self, num_global_batches: int = 1) -> None:
+        """Record that the trainer consumed this many global batches of this stream."""
+        self.consumed_samples += num_global_batches * self.global_batch_size
+
+    def state_dict(self) -> dict[str, Any]:
+        source = self.source.state_dict() if isinstance(self.source, BlendedIndex) else self.source
+        return {
+            "consumed_samples": self.consumed_samples,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "global_batch_size": self.global_batch_size,
+            "source": source,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume; the stream must be the same one (seed, data, global batch), else the order would differ."""
+        mine = self.state_dict()
+        for field in ("seed", "shuffle", "global_batch_size", "source"):
+            if state[field] != mine[field]:
+                raise ValueError(
+                    f"cannot resume this stream: checkpoint {field}={state[field]!r} but now {mine[field]!r}; "
+                    "the sample order would not continue where it stopped"
+                )
+        self._check_consumed(int(state["consumed_samples"]))
+        self.consumed_samples = int(state["consumed_samples"])
+
+
+class TaskMixer:
+    """Which batch kind (task) each training step uses: a pure function of (seed, step).
+
+    Every rank computes the same answer without communication. Ratios are relative weights.
+    """
+
+    def __init__(self, ratios: Mapping[str, float], seed: int = 0):
+        if not ratios:
+            raise ValueError("task ratios are empty; give at least one task a positive ratio")
+        bad = {
+            name: r for name, r in ratios.items() if not (isinstance(r, numbers.Real) and math.isfinite(r) and r >= 0)
+        }
+        if bad:
+            raise ValueError(f"task ratios must be finite non-negative numbers; bad: {bad}")
+        total = float(sum(ratios.values()))
+        if total <= 0:
+            raise ValueError(f"task ratios sum to 0; give at least one task a positive ratio: {dict(ratios)}")
+        # Sorted names: the draw must not depend on the order a config listed the tasks in.
+        self.tasks = sorted(name for name, r in ratios.items() if r > 0)
+        self.probs = np.array([ratios[name] / total for name in self.tasks])
+        self.ratios = dict(ratios)
+        self.seed = seed
+
+    def task_for_step(self, step: int) -> str:
+        u = np.random.default_rng([self.seed, step]).random()
+        i = int(np.searchsorted(np.cumsum(self.probs), u, side="right"))
+        return self.tasks[min(i, len(self.tasks) - 1)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ratios": self.ratios, "seed": self.seed}
+
+
+class DataPosition:
+    """The whole data position of a run (task mixer + one sampler per stream), one checkpoint entry."""
+
+    def __init__(self, mixer: TaskMixer, samplers: Mapping[str, ResumableDistributedSampler]):
+        missing = set(mixer.tasks) - set(samplers)
+        if missing:
+            raise ValueError(f"tasks {sorted(missing)} have a positive ratio but no sampler")
+        self.mixer = mixer
+        self.samplers = dict(samplers)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mixer": self.mixer.state_dict(), "streams": {k: s.state_dict() for k, s in self.samplers.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for name, sampler in self.samplers.items():
+            if name not in state["streams"]:
+                raise ValueError(f"checkpoint has no position for stream {name!r}; it has {sorted(state['streams'])}")
+            sampler.load_state_dict(state["streams"][name])
