@@ -1,0 +1,153 @@
+"""Memory-mapped random access to a directory of Arrow IPC shards written by ``preprocess/``.
+
+The directory holds one manifest per converter machine (``manifest.json`` or
+``manifest-node{n}-of-{N}.json``) listing its shards with sizes and checksums. Opening checks that
+every machine finished, that every listed file exists with its recorded size (and, on request, its
+sha256) and that its row count matches, so a truncated or missing shard fails at start-up with its
+name rather than mid-training. Rows are addressed by a global index over the shards in shard order.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+
+class ShardError(ValueError):
+    """A shard directory that cannot be read as recorded (names the offending file)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_manifests(directory: Path) -> list[dict]:
+    paths = sorted(directory.glob("manifest*.json"))
+    if not paths:
+        raise ShardError(f"{directory}: no manifest.json (not a preprocessing output directory?)")
+    manifests = []
+    for path in paths:
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ShardError(f"{path}: unreadable manifest: {e}") from None
+        if not manifest.get("complete"):
+            raise ShardError(f"{path}: the conversion did not finish (complete=false); re-run it to resume")
+        manifest["_path"] = str(path)
+        manifests.append(manifest)
+    first = manifests[0]
+    for m in manifests[1:]:
+        for key in ("kind", "fingerprints", "num_shards"):
+            if m.get(key) != first.get(key):
+                raise ShardError(
+                    f"{m['_path']}: {key} differs from {first['_path']} ({m.get(key)} vs {first.get(key)})"
+                )
+    nodes = sorted(m.get("shard_index", 0) for m in manifests)
+    if nodes != list(range(first.get("num_shards", 1))):
+        raise ShardError(f"{directory}: manifests of machines {nodes} present, expected 0..{first['num_shards'] - 1}")
+    return manifests
+
+
+class ArrowShards:
+    """All rows of a shard directory, read lazily through memory maps (safe to fork or pickle)."""
+
+    def __init__(self, directory: str | Path, verify_checksums: bool = False):
+        self.directory = Path(directory)
+        manifests = _read_manifests(self.directory)
+        self.kind: str = manifests[0]["kind"]
+        self.fingerprints: dict[str, str] = manifests[0].get("fingerprints", {})
+        self.args: dict[str, Any] = manifests[0].get("args", {})
+        shards = sorted((s for m in manifests for s in m["shards"]), key=lambda s: s["index"])
+        self.files: list[Path] = []
+        counts: list[int] = []
+        schema = None
+        for shard in shards:
+            for entry in shard["files"]:
+                path = self.directory / entry["name"]
+                self._check_file(path, entry, verify_checksums)
+                reader = self._open(path)
+                rows = sum(reader.get_batch(b).num_rows for b in range(reader.num_record_batches))
+                if rows != shard["samples"]:
+                    raise ShardError(f"{path}: {rows} rows, the manifest records {shard['samples']}")
+                if schema is None:
+                    schema = reader.schema
+                elif not reader.schema.equals(schema, check_metadata=False):
+                    raise ShardError(f"{path}: schema differs from {self.files[0]}")
+                self.files.append(path)
+                counts.append(rows)
+        if schema is None:
+            raise ShardError(f"{self.directory}: the manifests list no shards")
+        self.schema: pa.Schema = schema
+        self.metadata = {k.decode(): v.decode() for k, v in (schema.metadata or {}).items()}
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
+        self._readers: dict[int, tuple[pa.ipc.RecordBatchFileReader, list[int]]] = {}
+        self._pid = os.getpid()
+
+    @staticmethod
+    def _check_file(path: Path, entry: dict, verify_checksums: bool) -> None:
+        if not path.is_file():
+            raise ShardError(f"{path}: shard listed in the manifest is missing")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise ShardError(f"{path}: {size} bytes, the manifest records {entry['size']} (truncated or replaced?)")
+        if verify_checksums and _sha256(path) != entry["sha256"]:
+            raise ShardError(f"{path}: sha256 differs from the manifest (corrupt shard)")
+
+    @staticmethod
+    def _open(path: Path) -> pa.ipc.RecordBatchFileReader:
+        try:
+            return pa.ipc.open_file(pa.memory_map(str(path)))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ShardError(f"{path}: not a readable Arrow IPC file: {e}") from None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_readers": {}}
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.schema.names
+
+    def _reader(self, file_index: int) -> tuple[pa.ipc.RecordBatchFileReader, list[int]]:
+        if self._pid != os.getpid():  # a forked DataLoader worker maps the files itself
+            self._readers, self._pid = {}, os.getpid()
+        if file_index not in self._readers:
+            reader = self._open(self.files[file_index])
+            sizes = [reader.get_batch(b).num_rows for b in range(reader.num_record_batches)]
+            self._readers[file_index] = (reader, np.concatenate([[0], np.cumsum(sizes)]).tolist())
+        return self._readers[file_index]
+
+    def row(self, index: int, columns: Sequence[str] | None = None) -> dict[str, Any]:
+        """One row: bytes for binary, str for strings, numpy arrays (zero-copy) for token lists."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range for {len(self)} rows in {self.directory}")
+        file_index = bisect.bisect_right(self._starts, index) - 1
+        reader, batch_starts = self._reader(file_index)
+        local = index - self._starts[file_index]
+        b = bisect.bisect_right(batch_starts, local) - 1
+        batch = reader.get_batch(b)
+        r = local - batch_starts[b]
+        return {name: _value(batch.column(name), r) for name in (columns or self.column_names)}
+
+
+def _value(column: pa.Array, r: int) -> Any:
+    if pa.types.is_fixed_size_list(column.type):
+        size = column.type.list_size
+        return column.flatten().to_numpy()[r * size : (r + 1) * size]
+    if pa.types.is_list(column.type):
+        return column[r].values.to_numpy()
+    return column[r].as_py()

@@ -1,0 +1,248 @@
+"""Arrow shard rows -> model inputs for the image-only and image-text batch kinds (SPEC sections 3-4).
+
+Per sample: decode the stored S x S JPEG, take a C x C crop (C = 224 for FLAVA-full) at offsets that
+are multiples of 16 px, flip it horizontally with probability 1/2, and take the matching (C/16)^2
+slice of the stored dVAE token grid (of the flipped image when flipped) as MIM labels, so the dVAE
+never runs here. A BEiT block mask is drawn on the patch grid. Image-text samples add the caption,
+replaced with probability ``itm_negative_prob`` by another sample's caption (ITM negative), and its
+whole-word MLM masking.
+
+Every random choice comes from one generator, ``sampler.sample_rng(seed, key)`` of the sample's
+``SampleKey`` (index, epoch), so a sample's tensors are a pure function of (seed, epoch, index) and a
+resumed run reproduces an uninterrupted one exactly. Datasets take a ``SampleKey`` (what the
+resumable sampler yields) or a plain index (then the epoch set by ``set_epoch`` is used).
+
+Batch dicts (what the collators return; exactly the model's forward keyword arguments):
+
+* image-only: ``pixel_values`` (B, 3, C, C) float32 CLIP-normalised, ``bool_masked_pos`` (B, P) bool,
+  ``mim_labels`` (B, P) long: codebook tokens of ALL P = (C/16)^2 patches, row-major.
+* image-text: the above plus ``input_ids``, ``input_ids_masked``, ``attention_mask`` (1 = token),
+  ``mlm_labels`` (-100 where not masked and at padding), all (B, L) long with L the longest caption
+  in the batch, and ``itm_labels`` (B,) long (1 = matched caption, 0 = negative).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from flava_ds.data.arrow_dataset import ArrowShards
+from flava_ds.data.masking import IGNORE_INDEX, BlockMaskGenerator, mask_tokens
+from flava_ds.data.sampler import SampleKey, sample_rng
+from flava_ds.data.tokenizer import Tokenizer
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+PATCH = 16
+# BEiT's mask for the 14x14 grid; smaller grids get the same fractions
+REFERENCE_PATCHES, REFERENCE_MASKED, REFERENCE_MIN_BLOCK = 196, 75, 16
+
+
+def block_masker(
+    grid: int,
+    num_masking_patches: int | None = None,
+    min_num_patches: int | None = None,
+    max_num_patches: int | None = None,
+    min_aspect: float = 0.3,
+) -> BlockMaskGenerator:
+    """BEiT block masking on a grid x grid patch grid; defaults are 75 / min 16 on 14x14, scaled by area."""
+    scale = grid * grid / REFERENCE_PATCHES
+    num = num_masking_patches or max(1, round(REFERENCE_MASKED * scale))
+    low = min_num_patches or max(1, min(num, round(REFERENCE_MIN_BLOCK * scale)))
+    return BlockMaskGenerator((grid, grid), num, low, max_num_patches, min_aspect)
+
+
+def crop_with_tokens(
+    jpeg: bytes,
+    tokens: np.ndarray,
+    tokens_flipped: np.ndarray,
+    crop: int,
+    rng: np.random.Generator,
+    flip: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A crop of the stored image and its MIM labels: (uint8 (crop, crop, 3), int64 ((crop/16)^2,)).
+
+    The crop's top-left corner is (oy, ox), multiples of 16. Flipped, the crop's pixels are the mirror
+    of columns [ox, ox + crop) of the stored image, i.e. columns [S - ox - crop, S - ox) of the flipped
+    image, whose token grid is ``tokens_flipped``.
+    """
+    image = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    size = image.shape[0]
+    grid, cells = size // PATCH, crop // PATCH
+    if crop % PATCH or crop > size:
+        raise ValueError(f"crop {crop} must be a multiple of {PATCH} and at most the stored size {size}")
+    positions = (size - crop) // PATCH + 1
+    oy, ox = (int(v) * PATCH for v in rng.integers(0, positions, size=2))
+    flipped = flip and bool(rng.random() < 0.5)
+    pixels = image[oy : oy + crop, ox : ox + crop]
+    if flipped:
+        pixels, grid_tokens, gx = pixels[:, ::-1], tokens_flipped, (size - ox - crop) // PATCH
+    else:
+        grid_tokens, gx = tokens, ox // PATCH
+    gy = oy // PATCH
+    labels = grid_tokens.reshape(grid, grid)[gy : gy + cells, gx : gx + cells]
+    return np.ascontiguousarray(pixels), labels.reshape(-1).astype(np.int64)
+
+
+def normalize(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> CLIP-normalised float32 (3, H, W)."""
+    x = (pixels.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+@dataclass
+class ImageAugment:
+    """What the image side of a sample needs: crop size, flip, the patch mask."""
+
+    crop_size: int = 224
+    flip: bool = True
+    masker: BlockMaskGenerator | None = None  # None = block_masker(crop_size // 16)
+
+    def __post_init__(self):
+        if self.crop_size % PATCH:
+            raise ValueError(f"crop_size must be a multiple of {PATCH}, got {self.crop_size}")
+        self.masker = self.masker or block_masker(self.crop_size // PATCH)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Image-only samples (MIM) from an image or image-text shard directory."""
+
+    def __init__(self, shards: ArrowShards | str | Path, augment: ImageAugment | None = None, seed: int = 0):
+        self.shards = shards if isinstance(shards, ArrowShards) else ArrowShards(shards)
+        self.augment = augment or ImageAugment()
+        self.seed = seed
+        self.epoch = 0
+        stored = int(self.shards.metadata.get("image_size", 0))
+        if stored < self.augment.crop_size:
+            raise ValueError(
+                f"{self.shards.directory}: stored images are {stored} px, smaller than the "
+                f"crop {self.augment.crop_size}"
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def _key(self, key: SampleKey | int) -> SampleKey:
+        return key if isinstance(key, SampleKey) else SampleKey(int(key), self.epoch)
+
+    def image_sample(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        row = self.shards.row(index, ("image", "codebook_tokens", "codebook_tokens_flipped"))
+        pixels, labels = crop_with_tokens(
+            row["image"],
+            row["codebook_tokens"],
+            row["codebook_tokens_flipped"],
+            self.augment.crop_size,
+            rng,
+            self.augment.flip,
+        )
+        mask = self.augment.masker(rng)
+        return {
+            "pixel_values": normalize(pixels),
+            "bool_masked_pos": torch.from_numpy(mask.reshape(-1)),
+            "mim_labels": torch.from_numpy(labels),
+        }
+
+    def __getitem__(self, key: SampleKey | int) -> dict[str, torch.Tensor]:
+        key = self._key(key)
+        return self.image_sample(key.index, sample_rng(self.seed, key))
+
+
+class ImageTextDataset(ImageDataset):
+    """Image-text samples: the image side of ImageDataset plus caption, ITM negative and MLM masking."""
+
+    def __init__(
+        self,
+        shards: ArrowShards | str | Path,
+        tokenizer: Tokenizer,
+        augment: ImageAugment | None = None,
+        seed: int = 0,
+        itm_negative_prob: float = 0.1,
+        mlm_prob: float = 0.15,
+        whole_word: bool = True,
+    ):
+        super().__init__(shards, augment, seed)
+        expected = self.shards.fingerprints.get("tokenizer")
+        if expected != tokenizer.fingerprint:
+            raise ValueError(
+                f"{self.shards.directory} was tokenized with tokenizer {expected}, "
+                f"but {tokenizer.path} is {tokenizer.fingerprint}"
+            )
+        if len(self.shards) < 2 and itm_negative_prob > 0:
+            raise ValueError(f"{self.shards.directory}: ITM negatives need at least 2 samples")
+        self.tokenizer = tokenizer
+        self.itm_negative_prob = itm_negative_prob
+        self.mlm_prob = mlm_prob
+        self.whole_word = whole_word
+
+    def __getitem__(self, key: SampleKey | int) -> dict[str, torch.Tensor]:
+        key = self._key(key)
+        index, rng = key.index, sample_rng(self.seed, key)
+        sample = self.image_sample(index, rng)
+        caption_index, matched = index, 1
+        if rng.random() < self.itm_negative_prob:
+            other = int(rng.integers(0, len(self) - 1))
+            caption_index, matched = other + (other >= index), 0
+        ids = self.shards.row(caption_index, ("input_ids",))["input_ids"].astype(np.int64)
+        tok = self.tokenizer
+        masked, labels = mask_tokens(
+            ids,
+            tok.word_starts(ids) if self.whole_word else None,
+            mask_id=tok.mask_id,
+            vocab_size=tok.vocab_size,
+            special_ids=tok.special_ids,
+            rng=rng,
+            mlm_prob=self.mlm_prob,
+            whole_word=self.whole_word,
+        )
+        return {
+            **sample,
+            "input_ids": torch.from_numpy(ids),
+            "input_ids_masked": torch.from_numpy(masked),
+            "mlm_labels": torch.from_numpy(labels),
+            "itm_labels": torch.tensor(matched),
+        }
+
+
+TEXT_PAD_VALUES = {"input_ids": None, "input_ids_masked": None, "mlm_labels": IGNORE_INDEX}
+
+
+def pad_text(samples: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad the text fields to the batch's longest sequence and build the attention mask."""
+    length = max(len(s["input_ids"]) for s in samples)
+    out = {}
+    for key, value in TEXT_PAD_VALUES.items():
+        fill = pad_id if value is None else value
+        out[key] = torch.full((len(samples), length), fill, dtype=torch.long)
+        for i, s in enumerate(samples):
+            out[key][i, : len(s[key])] = s[key]
+    out["attention_mask"] = torch.zeros((len(samples), length), dtype=torch.long)
+    for i, s in enumerate(samples):
+        out["attention_mask"][i, : len(s["input_ids"])] = 1
+    return out
+
+
+def collate_image(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([s[key] for s in samples]) for key in ("pixel_values", "bool_masked_pos", "mim_labels")}
+
+
+class ImageTextCollator:
+    """Stack the image fields, pad the captions to the longest in the batch (not to max_length)."""
+
+    def __init__(self, pad_id: int = 0):
+        self.pad_id = pad_id
+
+    def __call__(self, samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {
+            **collate_image(samples),
+            **pad_text(samples, self.pad_id),
+            "itm_labels": torch.stack([s["itm_labels"] for s in samples]),
+        }
