@@ -1,0 +1,138 @@
+"""Text-only MLM samples from Megatron indexed datasets (written by `preprocess/text.py`).
+
+Each stored sequence (one document in files from `preprocess/text.py`) is cut into as few windows
+of at most `max_length - 2` tokens as possible, of near-equal length (no tiny tail window); a sample
+is `[CLS] window [SEP]`. The window table is computed once from the index, so sample i is the same
+window on every rank and every run. `TextCollator` pads a batch and applies whole-word MLM masking
+with randomness drawn from `sample_rng(seed, key)`, so a resumed run masks exactly like an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from flava_ds.data.masking import IGNORE_INDEX, mask_tokens
+from flava_ds.data.sampler import SampleKey, sample_rng
+from flava_ds.data.tokenizer import Tokenizer
+
+with warnings.catch_warnings():
+    # megatron-core warns that Apex / Transformer Engine are missing; the indexed format needs neither.
+    warnings.simplefilter("ignore", UserWarning)
+    from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+
+__all__ = ["IndexedDataset", "IndexedDatasetBuilder", "TextCollator", "TextDataset", "resolve_prefixes"]
+
+
+def resolve_prefixes(paths: str | Path | Sequence[str | Path]) -> list[str]:
+    """Dataset prefixes from prefixes and/or `preprocess/text.py` output directories (their merged files)."""
+    items = [paths] if isinstance(paths, str | Path) else list(paths)
+    prefixes = []
+    for item in items:
+        item = Path(item)
+        if item.is_dir():
+            manifests = sorted(item.glob("manifest*.json"))
+            merged = [json.loads(m.read_text()).get("merged") for m in manifests]
+            if not manifests or None in merged:
+                raise FileNotFoundError(f"{item}: no finished preprocess/text.py output (manifest with merged files)")
+            prefixes.extend(str(item / m["prefix"]) for m in merged)
+        elif IndexedDataset.exists(str(item)):
+            prefixes.append(str(item))
+        else:
+            raise FileNotFoundError(f"{item}: neither an indexed dataset prefix ({item}.bin/.idx) nor a directory")
+    return prefixes
+
+
+class TextDataset(Dataset):
+    """Windows `[CLS] tokens [SEP]` of at most `max_length` ids over one or more indexed datasets.
+
+    `dataset[key]` takes an int or a `SampleKey` and returns {"input_ids": int64 array, "key": SampleKey}.
+    """
+
+    def __init__(self, paths: str | Path | Sequence[str | Path], tokenizer: Tokenizer, max_length: int = 128):
+        if max_length < 3:
+            raise ValueError(f"max_length must be >= 3 ([CLS] + one token + [SEP]), got {max_length}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.prefixes = resolve_prefixes(paths)
+        self.datasets = [IndexedDataset(prefix) for prefix in self.prefixes]
+        tables = [self._windows(ds.sequence_lengths, max_length - 2) for ds in self.datasets]
+        self._dataset = np.concatenate([np.full(len(t[0]), j, dtype=np.int64) for j, t in enumerate(tables)])
+        self._sequence, self._start, self._stop = (np.concatenate(cols) for cols in zip(*tables))
+
+    @staticmethod
+    def _windows(lengths: np.ndarray, body: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sequence, start, stop) of every window: ceil(n / body) near-equal windows per sequence."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        counts = -(-lengths // body)
+        sequence = np.repeat(np.arange(lengths.size), counts)
+        n, k = lengths[sequence], counts[sequence]
+        i = np.arange(sequence.size) - np.repeat(np.cumsum(counts) - counts, counts)
+        return sequence, i * n // k, (i + 1) * n // k
+
+    def __len__(self) -> int:
+        return int(self._sequence.size)
+
+    def __getitem__(self, key: SampleKey | int) -> dict[str, Any]:
+        key = key if isinstance(key, SampleKey) else SampleKey(int(key))
+        if not 0 <= key.index < len(self):
+            raise IndexError(f"sample {key.index} out of range for {len(self)} text windows in {self.prefixes}")
+        i = key.index
+        start, stop = int(self._start[i]), int(self._stop[i])
+        tokens = self.datasets[self._dataset[i]].get(int(self._sequence[i]), offset=start, length=stop - start)
+        tok = self.tokenizer
+        input_ids = np.concatenate([[tok.cls_id], tokens.astype(np.int64), [tok.sep_id]])
+        return {"input_ids": input_ids, "key": key}
+
+
+class TextCollator:
+    """Pads a list of `TextDataset` samples to the longest and applies (whole-word) MLM masking.
+
+    Returns `input_ids`, `input_ids_masked`, `attention_mask` (1 = token, 0 = pad) and `mlm_labels`
+    (-100 where not masked), all (B, L) int64 tensors.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, seed: int, mlm_prob: float = 0.15, whole_word: bool = True):
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.mlm_prob = mlm_prob
+        self.whole_word = whole_word
+
+    def mask(self, input_ids: np.ndarray, key: SampleKey) -> tuple[np.ndarray, np.ndarray]:
+        tok = self.tokenizer
+        return mask_tokens(
+            input_ids,
+            tok.word_starts(input_ids) if self.whole_word else None,
+            mask_id=tok.mask_id,
+            vocab_size=tok.vocab_size,
+            special_ids=tok.special_ids,
+            rng=sample_rng(self.seed, key),
+            mlm_prob=self.mlm_prob,
+            whole_word=self.whole_word,
+        )
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        length = max(len(s["input_ids"]) for s in samples)
+        batch = {
+            "input_ids": np.full((len(samples), length), self.tokenizer.pad_id, dtype=np.int64),
+            "input_ids_masked": np.full((len(samples), length), self.tokenizer.pad_id, dtype=np.int64),
+            "attention_mask": np.zeros((len(samples), length), dtype=np.int64),
+            "mlm_labels": np.full((len(samples), length), IGNORE_INDEX, dtype=np.int64),
+        }
+        for row, sample in enumerate(samples):
+            ids = sample["input_ids"]
+            masked, labels = self.mask(ids, sample["key"])
+            n = len(ids)
+            batch["input_ids"][row, :n] = ids
+            batch["input_ids_masked"][row, :n] = masked
+            batch["attention_mask"][row, :n] = 1
+            batch["mlm_labels"][row, :n] = labels
+        return {name: torch.from_numpy(array) for name, array in batch.items()}
