@@ -70,7 +70,32 @@ def make_pairs(root: Path, n: int, seed: int = 0) -> Path:
     """root/pairs.jsonl with n clean image-caption pairs (images under root/img)."""
     rng = np.random.default_rng(seed + 1)
     names = write_images(root, n, seed)
-    return write_jsonl(root / "pairs.jsonl", [{"image": p, "caption": caption(rng)} for p in names])
+    records = [{"image": p, "caption": caption(rng, int(rng.integers(4, 12)))} for p in names]
+    return write_jsonl(root / "pairs.jsonl", records)
+
+
+def pairs_args(root: Path, output: Path, *extra: str, inputs: tuple[str, ...] = ("pairs.jsonl",)) -> list[str]:
+    """Command-line arguments of preprocess.pairs for a fixture corpus (S = 80, tiny codebook)."""
+    return [
+        "--input",
+        *(str(root / i) for i in inputs),
+        "--image-root",
+        str(root),
+        "--output",
+        str(output),
+        "--tokenizer",
+        str(root / "tokenizer.json"),
+        "--codebook",
+        CODEBOOK,
+        "--image-size",
+        "80",
+        "--shard-size",
+        "8",
+        "--workers",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
