@@ -107,7 +107,7 @@ class FlavaConfig:
         """A named preset with overrides; nested encoder fields as dicts: `image={"num_layers": 2}`."""
         if name not in PRESETS:
             raise ValueError(f"unknown FLAVA preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls.from_dict(_merge(PRESETS[name], overrides))
+        return cls.from_dict(merge_overrides(PRESETS[name], overrides))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FlavaConfig:
@@ -125,11 +125,12 @@ def _build(cls: type, values: dict[str, Any], where: str):
     return cls(**values)
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `overrides` into a config dict (nested encoder sections merge key by key)."""
     out = dict(base)
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_overrides(out[key], value)
         else:
             out[key] = value
     return out

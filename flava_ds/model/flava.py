@@ -17,12 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flava_ds.model.config import FlavaConfig
+from flava_ds.model.config import FlavaConfig, merge_overrides
 from flava_ds.model.contrastive import GlobalContrastiveLoss
 from flava_ds.model.encoders import ImageEncoder, MultimodalEncoder, TextEncoder
 from flava_ds.model.heads import ITMHead, MaskedPredictionHead
+from flava_ds.model.hf_io import expect_keys, read_config, read_state_dict, write_checkpoint
 
 IGNORE_INDEX = -100
+NATIVE_FORMAT = "flava_ds"
 LOSS_NAMES = ("mim", "mlm", "itm", "global_contrastive", "mmm_image", "mmm_text")
 
 
@@ -73,7 +75,24 @@ class FlavaForPreTraining(nn.Module):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
 
-    # ---- interop ------------------------------------------------------------------------------------
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Our own export: `config.json` (format flava_ds, the FlavaConfig) + fp32 `model.safetensors`."""
+        state = {k: v.float() for k, v in self.state_dict().items()}
+        write_checkpoint(directory, {"format": NATIVE_FORMAT, "model": self.config.to_dict()}, state)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **config_overrides) -> FlavaForPreTraining:
+        """Load our export or a `transformers` directory, whichever `directory` holds."""
+        raw = read_config(directory)
+        if raw.get("format") != NATIVE_FORMAT:
+            return cls.from_hf_pretrained(directory, **config_overrides)
+        model = cls(FlavaConfig.from_dict(merge_overrides(raw["model"], config_overrides)))
+        state = read_state_dict(directory)
+        expect_keys(str(directory), set(state), set(model.state_dict()))
+        model.load_state_dict(state)
+        return model
+
     @classmethod
     def from_hf_pretrained(cls, directory: str | Path, **config_overrides) -> FlavaForPreTraining:
         """Load a `transformers.FlavaForPreTraining.save_pretrained` directory (no transformers import)."""
@@ -82,7 +101,7 @@ class FlavaForPreTraining(nn.Module):
         return load_hf_pretraining(cls, directory, config_overrides)
 
     def save_hf_pretrained(self, directory: str | Path, codebook: nn.Module | None = None) -> None:
-        """Write a directory that `transformers.FlavaForPreTraining.from_pretrained` loads."""
+        """Write a directory that `transformers.FlavaForPreTraining.from_pretrained` loads (codebook optional)."""
         from flava_ds.model.interop import save_hf_pretraining
 
         save_hf_pretraining(self, directory, codebook)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from flava_ds.model.config import FlavaConfig, ImageConfig, MultimodalConfig, TextConfig
+from flava_ds.model.config import FlavaConfig, ImageConfig, MultimodalConfig, TextConfig, merge_overrides
 from flava_ds.model.hf_io import CheckpointError, expect_keys, read_config, read_state_dict, write_checkpoint
 
 if TYPE_CHECKING:
@@ -215,12 +215,7 @@ def load_hf_pretraining(
 ) -> FlavaForPreTraining:
     raw = read_config(directory)
     config_path = str(Path(directory) / "config.json")
-    values = config_from_hf(raw, config_path)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(values.get(key), dict):
-            values[key] = {**values[key], **value}
-        else:
-            values[key] = value
+    values = merge_overrides(config_from_hf(raw, config_path), overrides)
     try:
         config = FlavaConfig.from_dict(values)
     except (TypeError, ValueError) as err:

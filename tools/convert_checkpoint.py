@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Convert FLAVA checkpoints between flava_ds exports and `transformers` directories.
+
+  python tools/convert_checkpoint.py to-hf   --input EXPORT_OR_HF_DIR --output HF_DIR [--codebook SPEC]
+  python tools/convert_checkpoint.py from-hf --input HF_DIR --output EXPORT_DIR
+  python tools/convert_checkpoint.py codebook --input {random:SEED[:tiny] | CODEBOOK_DIR} --output CODEBOOK_DIR
+
+`to-hf` output loads with `transformers.FlavaForPreTraining.from_pretrained`; with --codebook the dVAE
+weights are included (init_codebook=true), otherwise the codebook is left out (init_codebook=false).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from flava_ds.model import FlavaForPreTraining, load_codebook
+
+log = logging.getLogger("convert_checkpoint")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("direction", choices=["to-hf", "from-hf", "codebook"])
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--codebook", help="with to-hf: a codebook to include (random:SEED or a directory)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    if args.direction == "codebook":
+        load_codebook(args.input).save_hf_pretrained(args.output)
+    elif args.direction == "to-hf":
+        model = FlavaForPreTraining.from_pretrained(args.input)
+        model.save_hf_pretrained(args.output, codebook=load_codebook(args.codebook) if args.codebook else None)
+    else:
+        FlavaForPreTraining.from_hf_pretrained(args.input).save_pretrained(args.output)
+    log.info("wrote %s (%s from %s)", args.output, args.direction, args.input)
+
+
+if __name__ == "__main__":
+    main()
