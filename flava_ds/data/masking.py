@@ -107,7 +107,6 @@ class BlockMaskGenerator:
         self.num_masking_patches = num_masking_patches
         self.min_num_patches = min_num_patches
         self.max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
-        max_aspect = 1.0 / min_aspect if max_aspect is None else max_aspect
         if not 0 < min_num_patches <= num_masking_patches <= area:
             raise ValueError(
                 f"need 0 < min_num_patches ({min_num_patches}) <= num_masking_patches "
@@ -115,7 +114,10 @@ class BlockMaskGenerator:
             )
         if self.max_num_patches < min_num_patches:
             raise ValueError(f"max_num_patches {self.max_num_patches} < min_num_patches {min_num_patches}")
-        if not 0 < min_aspect <= max_aspect:
+        if min_aspect <= 0:
+            raise ValueError(f"min_aspect must be > 0, got {min_aspect}")
+        max_aspect = 1.0 / min_aspect if max_aspect is None else max_aspect
+        if not min_aspect <= max_aspect:
             raise ValueError(f"need 0 < min_aspect ({min_aspect}) <= max_aspect ({max_aspect})")
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
         self.attempts_per_block = attempts_per_block
