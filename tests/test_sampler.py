@@ -1,0 +1,199 @@
+"""Deterministic data order: exact resume, rank sharding, weighted blending, task mixing across processes."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+from flava_ds.data.sampler import (
+    BlendedIndex,
+    DataPosition,
+    ResumableDistributedSampler,
+    SampleKey,
+    TaskMixer,
+    sample_rng,
+)
+
+
+def take(sampler: ResumableDistributedSampler, n: int) -> list[list[SampleKey]]:
+    return list(itertools.islice(sampler, n))
+
+
+def test_epochs_are_permutations_dropping_the_incomplete_global_batch():
+    sampler = ResumableDistributedSampler(103, 4, seed=7)
+    assert sampler.samples_per_epoch == 100
+    batches = take(sampler, 50)
+    epochs = [[k for b in batches[e * 25 : (e + 1) * 25] for k in b] for e in range(2)]
+    for e, keys in enumerate(epochs):
+        assert {k.epoch for k in keys} == {e}
+        assert len({k.index for k in keys}) == 100 and all(0 <= k.index < 103 for k in keys)
+    assert [k.index for k in epochs[0]] != [k.index for k in epochs[1]]
+    assert take(ResumableDistributedSampler(103, 4, seed=8), 1) != batches[:1]
+
+
+@pytest.mark.parametrize("source", ["single", "blend"])
+@pytest.mark.parametrize("consumed", [0, 8, 100, 132])
+def test_resume_yields_exactly_the_remaining_order(source, consumed):
+    make = lambda **kw: ResumableDistributedSampler(
+        103 if source == "single" else BlendedIndex([30, 5], [0.7, 0.3], seed=1), 4, seed=7, **kw
+    )
+    full = take(make(), 60)
+    assert take(make(consumed_samples=consumed), 60 - consumed // 4) == full[consumed // 4 :]
+    # the same through a checkpoint: advance, state_dict, load into a fresh sampler
+    trained = make()
+    trained.advance(consumed // 4)
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(trained.state_dict())))
+    assert resumed.consumed_samples == consumed
+    assert take(resumed, 5) == full[consumed // 4 : consumed // 4 + 5]
+
+
+def test_iterating_does_not_move_the_checkpointed_position():
+    sampler = ResumableDistributedSampler(50, 5)
+    take(sampler, 7)  # a prefetching loader runs ahead of training
+    assert sampler.state_dict()["consumed_samples"] == 0
+    sampler.advance(2)
+    assert sampler.state_dict()["consumed_samples"] == 10
+    assert sampler.epoch == 0
+
+
+@pytest.mark.parametrize("source", ["single", "blend"])
+@pytest.mark.parametrize(("micro", "dp"), [(3, 2), (2, 3), (1, 6)])
+def test_rank_streams_union_is_the_one_rank_stream(source, micro, dp):
+    make_source = lambda: 40 if source == "single" else BlendedIndex([11, 29], [0.5, 0.5], seed=3)
+    one_rank = take(ResumableDistributedSampler(make_source(), 6, seed=5, consumed_samples=12), 20)
+    ranks = [
+        take(ResumableDistributedSampler(make_source(), micro, dp_rank=r, dp_size=dp, seed=5, consumed_samples=12), 20)
+        for r in range(dp)
+    ]
+    for step, global_batch in enumerate(one_rank):
+        assert all(len(stream[step]) == micro for stream in ranks)
+        assert [k for stream in ranks for k in stream[step]] == global_batch
+
+
+def test_bad_positions_and_mismatched_checkpoints_are_errors():
+    with pytest.raises(ValueError, match="not a multiple of the global batch 8"):
+        ResumableDistributedSampler(100, 4, dp_size=2, consumed_samples=6)
+    with pytest.raises(ValueError, match="smaller than one global batch"):
+        ResumableDistributedSampler(5, 4, dp_size=2)
+    with pytest.raises(ValueError, match="rank 2 of 2"):
+        ResumableDistributedSampler(100, 4, dp_rank=2, dp_size=2)
+    state = ResumableDistributedSampler(100, 4, seed=1).state_dict()
+    with pytest.raises(ValueError, match="checkpoint seed=1 but now 2"):
+        ResumableDistributedSampler(100, 4, seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="global_batch_size"):
+        ResumableDistributedSampler(100, 2, seed=1).load_state_dict(state)
+
+
+def test_blend_weights_hold_and_each_dataset_walks_its_own_epochs():
+    weights = [0.5, 0.3, 0.2]
+    blend = BlendedIndex([50, 1000, 7], weights, seed=4)
+    keys = blend.locate(np.arange(10_000))
+    counts = Counter(k.dataset for k in keys)
+    for d, w in enumerate(weights):
+        assert abs(counts[d] / 10_000 - w) < 0.01 * w
+    small = [k for k in keys if k.dataset == 2]
+    for epoch in range(5):
+        chunk = small[epoch * 7 : (epoch + 1) * 7]
+        assert sorted(k.index for k in chunk) == list(range(7)) and {k.epoch for k in chunk} == {epoch}
+    assert small[:7] != small[7:14], "each epoch has its own order"
+    assert BlendedIndex([50, 1000, 7], weights, seed=4).locate(range(9_000, 10_000)) == keys[9_000:]
+    # positions past one greedy block keep the shares and stay deterministic
+    later = Counter(k.dataset for k in blend.locate(np.arange(25_000, 35_000)))
+    assert all(abs(later[d] / 10_000 - w) < 0.01 * w for d, w in enumerate(weights))
+
+
+def test_blend_validation():
+    with pytest.raises(ValueError, match="one weight per dataset"):
+        BlendedIndex([1, 2], [1.0])
+    with pytest.raises(ValueError, match="not all zero"):
+        BlendedIndex([1, 2], [0, 0])
+    with pytest.raises(ValueError, match="non-empty"):
+        BlendedIndex([0, 2], [1, 1])
+
+
+RATIOS = {"image_text": 0.5, "text": 0.2, "image": 0.3, "off": 0.0}
+MIXER_SCRIPT = """
+import json, sys
+from flava_ds.data.sampler import TaskMixer
+ratios = json.loads(sys.argv[1])
+print(json.dumps([TaskMixer(ratios, seed=11).task_for_step(s) for s in range(2000)]))
+"""
+
+
+def test_task_mixer_agrees_across_processes():
+    """Two real processes (as two ranks would be), different hash seeds and dict order, same draws."""
+    outputs = []
+    for rank, ratios in enumerate([RATIOS, dict(reversed(list(RATIOS.items())))]):
+        env = {**os.environ, "PYTHONHASHSEED": str(rank + 1)}
+        proc = subprocess.run(
+            [sys.executable, "-c", MIXER_SCRIPT, json.dumps(ratios)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+        )
+        outputs.append(json.loads(proc.stdout))
+    assert outputs[0] == outputs[1]
+    assert outputs[0] == [TaskMixer(RATIOS, seed=11).task_for_step(s) for s in range(2000)]
+    assert outputs[0] != [TaskMixer(RATIOS, seed=12).task_for_step(s) for s in range(2000)]
+
+
+def test_task_mixer_frequencies_match_ratios():
+    mixer = TaskMixer(RATIOS, seed=0)
+    counts = Counter(mixer.task_for_step(s) for s in range(20_000))
+    assert counts["off"] == 0
+    for task in ("image_text", "text", "image"):
+        assert abs(counts[task] / 20_000 - RATIOS[task]) < 0.015
+    assert mixer.task_for_step(12345) == TaskMixer(RATIOS, seed=0).task_for_step(12345)
+
+
+@pytest.mark.parametrize(
+    ("ratios", "message"),
+    [({}, "empty"), ({"a": -1.0}, "non-negative"), ({"a": float("nan")}, "non-negative"), ({"a": 0}, "sum to 0")],
+)
+def test_task_mixer_validation(ratios, message):
+    with pytest.raises(ValueError, match=message):
+        TaskMixer(ratios)
+
+
+def test_data_position_round_trip():
+    def make():
+        mixer = TaskMixer({"text": 1, "image": 1}, seed=0)
+        return DataPosition(
+            mixer, {"text": ResumableDistributedSampler(64, 4), "image": ResumableDistributedSampler(32, 2)}
+        )
+
+    run = make()
+    run.samplers["text"].advance(3)
+    run.samplers["image"].advance(1)
+    resumed = make()
+    resumed.load_state_dict(json.loads(json.dumps(run.state_dict())))
+    assert [s.consumed_samples for s in resumed.samplers.values()] == [12, 2]
+    with pytest.raises(ValueError, match="no sampler"):
+        DataPosition(TaskMixer({"text": 1, "image": 1}), {"text": ResumableDistributedSampler(64, 4)})
+
+
+class KeyEcho:
+    """A dataset returning its key's per-sample random draw, as real datasets draw masks and crops."""
+
+    def __getitem__(self, key: SampleKey):
+        return key, float(sample_rng(3, key).random())
+
+
+def test_works_as_a_dataloader_batch_sampler_with_workers():
+    sampler = ResumableDistributedSampler(40, 4, seed=2)
+    loader = DataLoader(KeyEcho(), batch_sampler=sampler, collate_fn=list, num_workers=2)
+    batches = list(itertools.islice(loader, 12))
+    assert [[key for key, _ in b] for b in batches] == take(sampler, 12)
+    draws = {key: value for b in batches for key, value in b}
+    assert draws[batches[0][0][0]] == KeyEcho()[batches[0][0][0]][1], "per-sample randomness is process independent"
+    assert len(set(draws.values())) == len(draws)
