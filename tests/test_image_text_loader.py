@@ -18,7 +18,6 @@ from flava_ds.data.image_text import (
     CLIP_STD,
     ImageAugment,
     ImageDataset,
-    ImageTextCollator,
     ImageTextDataset,
     block_masker,
     collate_image,
@@ -161,7 +160,7 @@ def test_dataset_masks_scale_with_the_grid(shards: Path, tokenizer: Tokenizer):
 def test_batch_dicts_are_exactly_the_model_inputs(shards: Path, tokenizer: Tokenizer):
     ds = dataset(shards, tokenizer)
     samples = [ds[SampleKey(i, 0)] for i in range(6)]
-    batch = ImageTextCollator(tokenizer.pad_id)(samples)
+    batch = ds.collator()(samples)
     assert set(batch) == IMAGE_KEYS | TEXT_KEYS
     P = (CROP // 16) ** 2
     assert batch["pixel_values"].shape == (6, 3, CROP, CROP) and batch["pixel_values"].dtype == torch.float32
@@ -184,8 +183,8 @@ def test_mlm_labels_mark_exactly_the_masked_tokens(shards: Path, tokenizer: Toke
     ds = dataset(shards, tokenizer, itm_negative_prob=0.0)
     changed_total = 0
     for i in range(len(ds)):
-        s = ds[SampleKey(i, 0)]
-        ids, masked, labels = s["input_ids"], s["input_ids_masked"], s["mlm_labels"]
+        s = ds.collator()([ds[SampleKey(i, 0)]])
+        ids, masked, labels = s["input_ids"][0], s["input_ids_masked"][0], s["mlm_labels"][0]
         selected = labels != -100
         assert selected.any()
         assert (labels[selected] == ids[selected]).all()
@@ -213,7 +212,7 @@ def test_samples_are_a_pure_function_of_seed_epoch_and_index(shards: Path, token
     a, b = dataset(shards, tokenizer, seed=3), dataset(shards, tokenizer, seed=3)
     b.set_epoch(2)
     for i in (0, 5, 23):
-        x, y = a[SampleKey(i, 2)], b[i]
+        x, y = a.collator()([a[SampleKey(i, 2)]]), b.collator()([b[i]])
         assert all(torch.equal(x[k], y[k]) for k in x)
     differ = [
         not torch.equal(a[SampleKey(i, 0)]["pixel_values"], a[SampleKey(i, 1)]["pixel_values"])
@@ -227,10 +226,10 @@ def test_samples_are_a_pure_function_of_seed_epoch_and_index(shards: Path, token
         [keys[:4], keys[4:]],
         batch_size=None,
         num_workers=2,
-        collate_fn=lambda ks: ImageTextCollator()([a[k] for k in ks]),
+        collate_fn=lambda ks: a.collator()([a[k] for k in ks]),
     )
     for got, ks in zip(loader, [keys[:4], keys[4:]]):
-        want = ImageTextCollator()([a[k] for k in ks])
+        want = a.collator()([a[k] for k in ks])
         assert all(torch.equal(got[k], want[k]) for k in want)
 
 

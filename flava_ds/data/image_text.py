@@ -4,13 +4,14 @@ Per sample: decode the stored S x S JPEG, take a C x C crop (C = 224 for FLAVA-f
 are multiples of 16 px, flip it horizontally with probability 1/2, and take the matching (C/16)^2
 slice of the stored dVAE token grid (of the flipped image when flipped) as MIM labels, so the dVAE
 never runs here. A BEiT block mask is drawn on the patch grid. Image-text samples add the caption,
-replaced with probability ``itm_negative_prob`` by another sample's caption (ITM negative), and its
-whole-word MLM masking.
+replaced with probability ``itm_negative_prob`` by a random other sample's caption (ITM negative);
+the collator pads the captions and masks them (whole-word MLM) exactly like text-only batches.
 
-Every random choice comes from one generator, ``sampler.sample_rng(seed, key)`` of the sample's
-``SampleKey`` (index, epoch), so a sample's tensors are a pure function of (seed, epoch, index) and a
-resumed run reproduces an uninterrupted one exactly. Datasets take a ``SampleKey`` (what the
-resumable sampler yields) or a plain index (then the epoch set by ``set_epoch`` is used).
+Every random choice comes from ``sampler.sample_rng(seed, key, ...)`` of the sample's ``SampleKey``
+(index, epoch): one stream for the image side and the ITM draw, the text collator's own stream for
+MLM. So a sample's tensors are a pure function of (seed, epoch, index) and a resumed run reproduces an
+uninterrupted one exactly. Datasets take a ``SampleKey`` (what the resumable sampler yields) or a
+plain index (then the epoch set by ``set_epoch`` is used).
 
 Batch dicts (what the collators return; exactly the model's forward keyword arguments):
 
@@ -27,14 +28,16 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from flava_ds.data.arrow_dataset import ArrowShards
-from flava_ds.data.masking import IGNORE_INDEX, BlockMaskGenerator, mask_tokens
+from flava_ds.data.masking import BlockMaskGenerator
 from flava_ds.data.sampler import SampleKey, sample_rng
+from flava_ds.data.text_dataset import TextCollator
 from flava_ds.data.tokenizer import Tokenizer
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -42,6 +45,7 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
 PATCH = 16
 # BEiT's mask for the 14x14 grid; smaller grids get the same fractions
 REFERENCE_PATCHES, REFERENCE_MASKED, REFERENCE_MIN_BLOCK = 196, 75, 16
+IMAGE_STREAM = 1  # sample_rng(seed, key, IMAGE_STREAM); the bare sample_rng(seed, key) is the MLM stream
 
 
 def block_masker(
@@ -151,13 +155,21 @@ class ImageDataset(torch.utils.data.Dataset):
             "mim_labels": torch.from_numpy(labels),
         }
 
+    def rng(self, key: SampleKey) -> np.random.Generator:
+        """The image side's generator: its own stream, independent of the MLM masking stream."""
+        return sample_rng(self.seed, key, IMAGE_STREAM)
+
     def __getitem__(self, key: SampleKey | int) -> dict[str, torch.Tensor]:
         key = self._key(key)
-        return self.image_sample(key.index, sample_rng(self.seed, key))
+        return self.image_sample(key.index, self.rng(key))
 
 
 class ImageTextDataset(ImageDataset):
-    """Image-text samples: the image side of ImageDataset plus caption, ITM negative and MLM masking."""
+    """Image-text samples: the image side of ImageDataset plus the caption (or an ITM negative's).
+
+    MLM masking happens in the collator, the same ``TextCollator`` as text-only batches; build it
+    with ``collator()`` so that it shares this dataset's seed, tokenizer and masking settings.
+    """
 
     def __init__(
         self,
@@ -183,66 +195,34 @@ class ImageTextDataset(ImageDataset):
         self.mlm_prob = mlm_prob
         self.whole_word = whole_word
 
-    def __getitem__(self, key: SampleKey | int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: SampleKey | int) -> dict[str, Any]:
         key = self._key(key)
-        index, rng = key.index, sample_rng(self.seed, key)
-        sample = self.image_sample(index, rng)
-        caption_index, matched = index, 1
+        rng = self.rng(key)
+        sample = self.image_sample(key.index, rng)
+        caption_index, matched = key.index, 1
         if rng.random() < self.itm_negative_prob:
             other = int(rng.integers(0, len(self) - 1))
-            caption_index, matched = other + (other >= index), 0
+            caption_index, matched = other + (other >= key.index), 0
         ids = self.shards.row(caption_index, ("input_ids",))["input_ids"].astype(np.int64)
-        tok = self.tokenizer
-        masked, labels = mask_tokens(
-            ids,
-            tok.word_starts(ids) if self.whole_word else None,
-            mask_id=tok.mask_id,
-            vocab_size=tok.vocab_size,
-            special_ids=tok.special_ids,
-            rng=rng,
-            mlm_prob=self.mlm_prob,
-            whole_word=self.whole_word,
-        )
-        return {
-            **sample,
-            "input_ids": torch.from_numpy(ids),
-            "input_ids_masked": torch.from_numpy(masked),
-            "mlm_labels": torch.from_numpy(labels),
-            "itm_labels": torch.tensor(matched),
-        }
+        return {**sample, "input_ids": ids, "itm_labels": torch.tensor(matched), "key": key}
+
+    def collator(self) -> ImageTextCollator:
+        return ImageTextCollator(TextCollator(self.tokenizer, self.seed, self.mlm_prob, self.whole_word))
 
 
-TEXT_PAD_VALUES = {"input_ids": None, "input_ids_masked": None, "mlm_labels": IGNORE_INDEX}
-
-
-def pad_text(samples: Sequence[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad the text fields to the batch's longest sequence and build the attention mask."""
-    length = max(len(s["input_ids"]) for s in samples)
-    out = {}
-    for key, value in TEXT_PAD_VALUES.items():
-        fill = pad_id if value is None else value
-        out[key] = torch.full((len(samples), length), fill, dtype=torch.long)
-        for i, s in enumerate(samples):
-            out[key][i, : len(s[key])] = s[key]
-    out["attention_mask"] = torch.zeros((len(samples), length), dtype=torch.long)
-    for i, s in enumerate(samples):
-        out["attention_mask"][i, : len(s["input_ids"])] = 1
-    return out
-
-
-def collate_image(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def collate_image(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([s[key] for s in samples]) for key in ("pixel_values", "bool_masked_pos", "mim_labels")}
 
 
 class ImageTextCollator:
-    """Stack the image fields, pad the captions to the longest in the batch (not to max_length)."""
+    """Stack the image fields; pad and MLM-mask the captions like text-only batches (to the longest caption)."""
 
-    def __init__(self, pad_id: int = 0):
-        self.pad_id = pad_id
+    def __init__(self, text: TextCollator):
+        self.text = text
 
-    def __call__(self, samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {
             **collate_image(samples),
-            **pad_text(samples, self.pad_id),
+            **self.text(samples),
             "itm_labels": torch.stack([s["itm_labels"] for s in samples]),
         }
