@@ -70,7 +70,7 @@ def crop_with_tokens(
     rng: np.random.Generator,
     flip: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A crop of the stored image and its MIM labels: (uint8 (crop, crop, 3), int64 ((crop/16)^2,)).
+    """A crop of the stored image and its MIM labels: (uint8 (crop, crop, 3) view, int64 ((crop/16)^2,)).
 
     The crop's top-left corner is (oy, ox), multiples of 16. Flipped, the crop's pixels are the mirror
     of columns [ox, ox + crop) of the stored image, i.e. columns [S - ox - crop, S - ox) of the flipped
@@ -91,13 +91,20 @@ def crop_with_tokens(
         grid_tokens, gx = tokens, ox // PATCH
     gy = oy // PATCH
     labels = grid_tokens.reshape(grid, grid)[gy : gy + cells, gx : gx + cells]
-    return np.ascontiguousarray(pixels), labels.reshape(-1).astype(np.int64)
+    return pixels, labels.reshape(-1).astype(np.int64)
+
+
+# per channel, uint8 value -> CLIP-normalised float32: a table lookup is several times faster than the arithmetic
+_NORMALIZED = ((np.arange(256)[None] / 255.0 - CLIP_MEAN[:, None]) / CLIP_STD[:, None]).astype(np.float32)
 
 
 def normalize(pixels: np.ndarray) -> torch.Tensor:
     """uint8 (H, W, 3) -> CLIP-normalised float32 (3, H, W)."""
-    x = (pixels.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    planes = pixels.transpose(2, 0, 1)
+    out = np.empty(planes.shape, dtype=np.float32)
+    for channel in range(3):
+        np.take(_NORMALIZED[channel], planes[channel], out=out[channel])
+    return torch.from_numpy(out)
 
 
 @dataclass
