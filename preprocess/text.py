@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from flava_ds.data.text_dataset import IndexedDatasetBuilder
 from flava_ds.data.tokenizer import Tokenizer
@@ -92,10 +93,10 @@ def read_plain_text(path: Path) -> Iterator[Document]:
                     start = lineno
                 lines.append(line)
             elif lines:
-                yield _checked(f"{path}:{start}", "\n".join(lines))
+                yield _checked(f"{path.name}:{start}", "\n".join(lines))
                 lines = []
     if lines:
-        yield _checked(f"{path}:{start}", "\n".join(lines))
+        yield _checked(f"{path.name}:{start}", "\n".join(lines))
 
 
 def read_json_documents(path: Path, json_key: str) -> Iterator[Document]:
@@ -139,30 +140,43 @@ def token_dtype(vocab_size: int) -> type[np.number]:
 _worker: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer_path: str) -> None:
-    tok = Tokenizer.from_file(tokenizer_path)
-    _worker.update(tokenizer=tok, dtype=token_dtype(tok.vocab_size))
+def _init_worker(tokenizer: Tokenizer) -> None:
+    _worker.update(tokenizer=tokenizer, dtype=token_dtype(tokenizer.vocab_size))
 
 
 def _tokenize(texts: list[str]) -> list[np.ndarray]:
     return [np.asarray(ids, dtype=_worker["dtype"]) for ids in _worker["tokenizer"].encode_raw(texts)]
 
 
-def _convert_shard(task: ShardTask, pool: Any, dtype: type[np.number]) -> ShardResult:
+class SkipLog:
+    """Counts skipped documents per reason and names the first few of each, so bad inputs can be found."""
+
+    def __init__(self, examples_per_reason: int = 3):
+        self.examples_per_reason = examples_per_reason
+        self.seen: Counter = Counter()
+
+    def skip(self, doc: Document, reason: str, counts: Counter) -> None:
+        counts[reason] += 1
+        self.seen[reason] += 1
+        if self.seen[reason] <= self.examples_per_reason:
+            tqdm.write(f"[text] skipped {doc.where}: {reason}", file=sys.stderr)
+
+
+def _convert_shard(task: ShardTask, pool: Any, dtype: type[np.number], log: SkipLog) -> ShardResult:
     skipped: Counter = Counter()
-    texts = []
+    docs = []
     for _, doc in task.records:
         if doc.skip:
-            skipped[doc.skip] += 1
+            log.skip(doc, doc.skip, skipped)
         else:
-            texts.append(doc.text)
+            docs.append(doc)
     builder = IndexedDatasetBuilder(str(task.tmp_path(".bin")), dtype=dtype)
     written = 0
-    chunks = [texts[i : i + TOKENIZE_CHUNK] for i in range(0, len(texts), TOKENIZE_CHUNK)]
-    for chunk in pool.imap(_tokenize, chunks):
-        for ids in chunk:
+    chunks = [docs[i : i + TOKENIZE_CHUNK] for i in range(0, len(docs), TOKENIZE_CHUNK)]
+    for chunk, token_ids in zip(chunks, pool.imap(_tokenize, [[d.text for d in c] for c in chunks])):
+        for doc, ids in zip(chunk, token_ids):
             if ids.size == 0:
-                skipped[NO_TOKENS] += 1
+                log.skip(doc, NO_TOKENS, skipped)
                 continue
             builder.add_document(ids, [ids.size])
             written += 1
@@ -194,7 +208,13 @@ def merge_shards(output: Path, manifest_file: str, prefix_name: str, dtype: type
         final = output / f"{prefix_name}{suffix}"
         os.replace(f"{tmp_prefix}{suffix}", final)
         files.append({"name": final.name, "size": final.stat().st_size, "sha256": file_sha256(final)})
-    manifest["merged"] = {"prefix": prefix_name, "documents": manifest["samples_written"], "files": files}
+    manifest["merged"] = {
+        "prefix": prefix_name,
+        "documents": len(builder.document_indices) - 1,
+        "tokens": int(sum(builder.sequence_lengths)),
+        "dtype": np.dtype(dtype).name,
+        "files": files,
+    }
     atomic_write_json(manifest_path, manifest)
     return manifest["merged"]
 
@@ -222,8 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         fingerprints={"tokenizer": tokenizer.fingerprint},
         file_suffixes=(".bin", ".idx"),
     )
-    with worker_pool(args.workers, _init_worker, (str(tokenizer.path),)) as pool:
-        code = run.run(read_documents(inputs, args.json_key), lambda task: _convert_shard(task, pool, dtype))
+    log = SkipLog()
+    with worker_pool(args.workers, _init_worker, (tokenizer,)) as pool:
+        code = run.run(read_documents(inputs, args.json_key), lambda task: _convert_shard(task, pool, dtype, log))
     if code:
         return code
     name = merged_name(args.name, args.num_shards, args.shard_index)

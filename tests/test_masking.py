@@ -154,3 +154,5 @@ def test_block_mask_deterministic_and_validated():
         BlockMaskGenerator((14, 14), num_masking_patches=10, min_num_patches=16)
     with pytest.raises(ValueError, match="aspect"):
         BlockMaskGenerator(min_aspect=0)
+    with pytest.raises(RuntimeError, match="no block of 4 patches fits"):
+        BlockMaskGenerator((1, 8), 4, 4, min_aspect=1.0)(np.random.default_rng(0))

@@ -80,6 +80,7 @@ def write_hostile(directory: Path) -> list[Path]:
         b"not json at all",
         b'{"text": "bad byte \xff here"}',
         b'{"text": "lone surrogate \\ud800"}',
+        b'{"text": "\\u0000\\u0001"}',  # only control characters: no tokens
         b"",  # blank lines are not records
         b'{"text": "walking cat"}',
     ]
@@ -90,17 +91,19 @@ def write_hostile(directory: Path) -> list[Path]:
     return [jsonl, plain]
 
 
-def test_hostile_input_is_counted_exactly(corpus, tmp_path):
+def test_hostile_input_is_counted_exactly(corpus, tmp_path, capsys):
     inputs = write_hostile(tmp_path)
     tokenizer = corpus["tokenizers"]["tokenizer.json"]
     assert run(inputs, tmp_path / "out", tokenizer, "--max-skip-fraction", "0.9") == 0
+    assert "skipped hostile.jsonl:8: not_utf8" in capsys.readouterr().err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["inputs_seen"] == 12
+    assert manifest["inputs_seen"] == 13
     assert manifest["samples_written"] == 4
     assert manifest["skipped"] == {
         "bad_record": 1,
         "empty_text": 2,
         "missing_field": 1,
+        "no_tokens": 1,
         "not_a_string": 1,
         "not_utf8": 3,
     }
@@ -141,6 +144,18 @@ def test_sigkill_then_rerun_gives_identical_output(corpus, tmp_path):
     assert finished["shards"][0] == at_kill["shards"][0], "a finished shard is not redone"
     assert finished["samples_written"] == 15_000
     assert not list(out.glob(".tmp-*"))
+
+
+def test_nodes_write_disjoint_parts_that_together_hold_every_document(corpus, tmp_path):
+    tokenizer = Tokenizer.from_file(corpus["tokenizers"]["tokenizer.json"])
+    for node in ("0", "1"):
+        args = ["--num-shards", "2", "--shard-index", node, "--shard-size", "40"]
+        assert run(corpus["inputs"], tmp_path, tokenizer.path, *args) == 0
+    assert sorted(p.name for p in tmp_path.glob("text*.idx")) == ["text-node000-of-002.idx", "text-node001-of-002.idx"]
+    ds = TextDataset(tmp_path, tokenizer, max_length=512)
+    assert len(ds.prefixes) == 2
+    stored = sorted(ds[i]["input_ids"][1:-1].tolist() for i in range(len(ds)))
+    assert stored == sorted(tokenizer.encode_raw(corpus["docs"]))
 
 
 def test_changed_settings_refuse_to_resume(corpus, tmp_path):
