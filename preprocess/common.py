@@ -175,9 +175,7 @@ def read_parquet(path: str | Path, columns: Sequence[str] | None = None) -> Iter
             row += 1
 
 
-def read_records(
-    paths: Sequence[str | Path], columns: Sequence[str] | None = None
-) -> Iterator[tuple[str, Any]]:
+def read_records(paths: Sequence[str | Path], columns: Sequence[str] | None = None) -> Iterator[tuple[str, Any]]:
     """All records of several input files in order, read by extension (.jsonl, .tsv, .parquet).
 
     Source ids are ``basename:line``, so input basenames must be unique."""

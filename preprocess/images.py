@@ -95,8 +95,8 @@ def _open_checked(path: Path, settings: ImageSettings) -> Image.Image:
             image = Image.open(path)
     except Image.DecompressionBombError as e:
         raise SkipSample(TOO_LARGE, f"{path}: {e}") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise SkipSample(CORRUPT_IMAGE, f"{path}: {e}") from None
+    except Exception as e:  # image plugins raise many types on hostile bytes; none may stop the job
+        raise SkipSample(CORRUPT_IMAGE, f"{path}: {type(e).__name__}: {e}") from None
     width, height = image.size
     if width * height > settings.max_pixels:
         raise SkipSample(TOO_LARGE, f"{path}: {width}x{height} px > --max-pixels {settings.max_pixels}")
@@ -106,9 +106,9 @@ def _open_checked(path: Path, settings: ImageSettings) -> Image.Image:
 
 
 def _decode_rgb(image: Image.Image, path: Path, settings: ImageSettings) -> Image.Image:
-    if image.format == "JPEG":  # let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below S
-        image.draft("RGB", (settings.image_size, settings.image_size))
     try:
+        if image.format == "JPEG":  # let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below S
+            image.draft("RGB", (settings.image_size, settings.image_size))
         image.load()
         image = ImageOps.exif_transpose(image)
         if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
@@ -116,9 +116,9 @@ def _decode_rgb(image: Image.Image, path: Path, settings: ImageSettings) -> Imag
             background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, rgba).convert("RGB")
         return image.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Exception as e:  # as above: a hostile file is a skip, whatever the decoder raises
         reason = TRUNCATED_IMAGE if "truncated" in str(e).lower() else CORRUPT_IMAGE
-        raise SkipSample(reason, f"{path}: {e}") from None
+        raise SkipSample(reason, f"{path}: {type(e).__name__}: {e}") from None
 
 
 def square_resize(image: Image.Image, size: int) -> Image.Image:

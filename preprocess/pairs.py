@@ -3,7 +3,7 @@
 Columns: ``id`` (the ``--id-field`` value, else ``<input file name>:<line>``; ``:<row>`` for Parquet),
 ``image`` (JPEG of the S x S image), ``codebook_tokens`` / ``codebook_tokens_flipped`` ((S/16)^2
 uint16, see ``preprocess/images.py``), ``input_ids`` (int32, ``[CLS] ... [SEP]``, at most
-``--max-length``) and ``caption`` (whitespace-normalised text).
+``--max-length``) and ``caption`` (the raw caption, stripped of surrounding whitespace).
 
 Captions are kept when they are valid UTF-8, non-empty, have MORE than ``--min-words`` words
 (whitespace-separated; the PMD filter, default 3, so "a red car" is dropped) and, with
@@ -67,7 +67,7 @@ def _init_pair_worker(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
 
 
 def check_caption(caption: Any, min_words: int, classify) -> str:
-    """The normalised caption, or SkipSample with the reason it is unusable."""
+    """The caption without surrounding whitespace, or SkipSample with the reason it is unusable."""
     if caption is None or (isinstance(caption, str) and not caption.strip()):
         raise SkipSample(EMPTY_CAPTION)
     if not isinstance(caption, str):
@@ -79,7 +79,7 @@ def check_caption(caption: Any, min_words: int, classify) -> str:
         raise SkipSample(TOO_FEW_WORDS, f"{len(words)} words <= --min-words {min_words}")
     if classify is not None and classify(caption)[0] != "en":
         raise SkipSample(NOT_ENGLISH, caption[:80])
-    return " ".join(words)
+    return caption.strip()
 
 
 def prepare_pair_record(record: tuple[int, tuple[str, Any]]) -> dict | SkipSample:

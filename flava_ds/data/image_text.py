@@ -25,7 +25,7 @@ Batch dicts (what the collators return; exactly the model's forward keyword argu
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,6 +169,10 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: SampleKey | int) -> dict[str, torch.Tensor]:
         key = self._key(key)
         return self.image_sample(key.index, self.rng(key))
+
+    def collator(self) -> Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]:
+        """The collate function that turns this dataset's samples into the model's batch dict."""
+        return collate_image
 
 
 class ImageTextDataset(ImageDataset):
