@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import runpy
 import shutil
 from pathlib import Path
 
@@ -255,3 +256,15 @@ def test_reader_rejects_truncated_missing_or_unfinished_shards(shards: Path, tmp
     (other / "tokenizer.json").write_text((shards.parent / "tokenizer.json").read_text() + "\n")
     with pytest.raises(ValueError, match="tokenizer"):
         ImageTextDataset(shards, Tokenizer.from_file(other / "tokenizer.json"), ImageAugment(CROP))
+
+
+def test_inspect_shards_tool(shards: Path, tmp_path: Path, capsys):
+    tool = runpy.run_path(str(Path(__file__).resolve().parents[1] / "tools" / "inspect_shards.py"))
+    png = tmp_path / "sheet.png"
+    assert (
+        tool["main"]([str(shards), "-n", "3", "--tokenizer", str(shards.parent / "tokenizer.json"), "--png", str(png)])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "inputs=24 written=24" in out and out.count("id=pairs.jsonl:") == 3
+    assert Image.open(png).size[0] > 0

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from flava_ds.data.arrow_dataset import ArrowShards
+from flava_ds.data.image_text import ImageAugment, ImageDataset
 from flava_ds.data.tokenizer import Tokenizer
 from flava_ds.model.codebook import load_codebook
 from preprocess import images, pairs
@@ -302,6 +303,13 @@ def test_image_folders_to_shards_with_labels_and_classes(image_folders: Path):
     assert manifest["skipped"] == {"corrupt_image": 1} and manifest["inputs_seen"] == 10
     views = [np.asarray(Image.open(io.BytesIO(b)).reduce(2)) for b in table.column("image").to_pylist()]
     np.testing.assert_array_equal(np.array(table.column("codebook_tokens").to_pylist()), codebook_tokens(views))
+    dataset = ImageDataset(out, ImageAugment(48))
+    batch = dataset.collator()([dataset[i] for i in range(len(dataset))])
+    assert {k: tuple(v.shape) for k, v in batch.items()} == {
+        "pixel_values": (9, 3, 48, 48),
+        "bool_masked_pos": (9, 9),
+        "mim_labels": (9, 9),
+    }
 
 
 def test_image_list_file_with_integer_and_named_labels(image_folders: Path):
