@@ -14,6 +14,7 @@ import pytest
 from torch.utils.data import DataLoader
 
 from flava_ds.data.sampler import (
+    BlendedDataset,
     BlendedIndex,
     DataPosition,
     ResumableDistributedSampler,
@@ -111,6 +112,27 @@ def test_blend_weights_hold_and_each_dataset_walks_its_own_epochs():
     assert all(abs(later[d] / 10_000 - w) < 0.01 * w for d, w in enumerate(weights))
 
 
+def test_blended_dataset_serves_each_key_from_its_dataset():
+    data = BlendedDataset([Named("a", 5), Named("b", 20)])
+    sampler = ResumableDistributedSampler(data.blend([0.2, 0.8], seed=1), 10)
+    items = [data[k] for k in take(sampler, 10)[0]]
+    assert len(data) == 25 and sum(i.startswith("a") for i in items) == 2 and len(set(items)) == 10
+
+
+class Named:
+    """A keyed dataset of `size` named items."""
+
+    def __init__(self, name: str, size: int):
+        self.name, self.size = name, size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, key: SampleKey) -> str:
+        assert 0 <= key.index < self.size
+        return f"{self.name}{key.index}"
+
+
 def test_blend_validation():
     with pytest.raises(ValueError, match="one weight per dataset"):
         BlendedIndex([1, 2], [1.0])
@@ -131,17 +153,17 @@ print(json.dumps([TaskMixer(ratios, seed=11).task_for_step(s) for s in range(200
 
 def test_task_mixer_agrees_across_processes():
     """Two real processes (as two ranks would be), different hash seeds and dict order, same draws."""
-    outputs = []
-    for rank, ratios in enumerate([RATIOS, dict(reversed(list(RATIOS.items())))]):
-        env = {**os.environ, "PYTHONHASHSEED": str(rank + 1)}
-        proc = subprocess.run(
+    procs = [
+        subprocess.Popen(
             [sys.executable, "-c", MIXER_SCRIPT, json.dumps(ratios)],
-            capture_output=True,
+            stdout=subprocess.PIPE,
             text=True,
-            env=env,
-            check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(rank + 1)},
         )
-        outputs.append(json.loads(proc.stdout))
+        for rank, ratios in enumerate([RATIOS, dict(reversed(list(RATIOS.items())))])
+    ]
+    outputs = [json.loads(proc.communicate(timeout=120)[0]) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0]
     assert outputs[0] == outputs[1]
     assert outputs[0] == [TaskMixer(RATIOS, seed=11).task_for_step(s) for s in range(2000)]
     assert outputs[0] != [TaskMixer(RATIOS, seed=12).task_for_step(s) for s in range(2000)]

@@ -98,6 +98,23 @@ class BlendedIndex:
         return cached[1]
 
 
+class BlendedDataset:
+    """The datasets of a blend behind one `dataset[key]`: `key.dataset` picks which one serves the key."""
+
+    def __init__(self, datasets: Sequence[Any]):
+        self.datasets = list(datasets)
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.datasets)
+
+    def __getitem__(self, key: SampleKey) -> Any:
+        return self.datasets[key.dataset][key]
+
+    def blend(self, weights: Sequence[float], seed: int = 0) -> BlendedIndex:
+        """The weighted stream over these datasets, to pass as a sampler's source."""
+        return BlendedIndex([len(d) for d in self.datasets], weights, seed)
+
+
 class ResumableDistributedSampler:
     """Batch sampler over one stream, sharded over data-parallel ranks and resumable at any global batch.
 
