@@ -142,13 +142,15 @@ class ResumableDistributedSampler:
     ):
         if micro_batch_size <= 0 or dp_size <= 0 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"bad sharding: micro_batch_size={micro_batch_size}, rank {dp_rank} of {dp_size}")
-        self.source = source
+        self.source = source if isinstance(source, BlendedIndex) else int(source)
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle = seed, shuffle
         self.global_batch_size = micro_batch_size * dp_size
-        if isinstance(source, int) and source < self.global_batch_size:
-            raise ValueError(f"dataset of {source} samples is smaller than one global batch ({self.global_batch_size})")
+        if isinstance(self.source, int) and self.source < self.global_batch_size:
+            raise ValueError(
+                f"dataset of {self.source} samples is smaller than one global batch ({self.global_batch_size})"
+            )
         self._check_consumed(consumed_samples)
         self.consumed_samples = consumed_samples
         self._epoch_cache: tuple[int, np.ndarray] | None = None
@@ -176,22 +178,22 @@ class ResumableDistributedSampler:
             self._epoch_cache = (epoch, epoch_permutation(self.source, self.seed, epoch, self.shuffle))
         return self._epoch_cache[1]
 
+    def _keys(self, first: int, count: int) -> list[SampleKey]:
+        """Keys of stream positions [first, first + count), which lie inside one global batch."""
+        if isinstance(self.source, BlendedIndex):
+            return self.source.locate(np.arange(first, first + count))
+        epoch, offset = divmod(first, self.samples_per_epoch)
+        return [SampleKey(int(i), epoch) for i in self._order(epoch)[offset : offset + count]]
+
     def global_batch(self, consumed: int) -> list[SampleKey]:
         """All G keys of the global batch that starts at stream position `consumed`."""
         self._check_consumed(consumed)
-        if isinstance(self.source, BlendedIndex):
-            return self.source.locate(np.arange(consumed, consumed + self.global_batch_size))
-        epoch, offset = divmod(consumed, self.samples_per_epoch)
-        chunk = self._order(epoch)[offset : offset + self.global_batch_size]
-        return [SampleKey(int(i), epoch) for i in chunk]
+        return self._keys(consumed, self.global_batch_size)
 
     def micro_batch(self, consumed: int) -> list[SampleKey]:
         """This rank's share of the global batch starting at `consumed`."""
-        start = self.dp_rank * self.micro_batch_size
-        if isinstance(self.source, BlendedIndex):
-            first = consumed + start
-            return self.source.locate(np.arange(first, first + self.micro_batch_size))
-        return self.global_batch(consumed)[start : start + self.micro_batch_size]
+        self._check_consumed(consumed)
+        return self._keys(consumed + self.dp_rank * self.micro_batch_size, self.micro_batch_size)
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
         consumed = self.consumed_samples
@@ -246,12 +248,13 @@ class TaskMixer:
         # Sorted names: the draw must not depend on the order a config listed the tasks in.
         self.tasks = sorted(name for name, r in ratios.items() if r > 0)
         self.probs = np.array([ratios[name] / total for name in self.tasks])
+        self._cumulative = np.cumsum(self.probs)
         self.ratios = dict(ratios)
         self.seed = seed
 
     def task_for_step(self, step: int) -> str:
         u = np.random.default_rng([self.seed, step]).random()
-        i = int(np.searchsorted(np.cumsum(self.probs), u, side="right"))
+        i = int(np.searchsorted(self._cumulative, u, side="right"))
         return self.tasks[min(i, len(self.tasks) - 1)]
 
     def state_dict(self) -> dict[str, Any]:
