@@ -24,16 +24,35 @@ def write_corpus(path: Path, num_docs: int, seed: int = 0, words_per_doc: tuple[
     return docs
 
 
+def train_byte_level_bpe(docs: list[str], path: Path) -> Path:
+    """A lower-casing GPT-2 style byte-level BPE tokenizer.json with the BERT specials first ([PAD]=0)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok.train_from_iterator(
+        docs, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=alphabet)
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return path
+
+
 def train_tokenizers(directory: Path) -> dict[str, Path]:
-    """A WordPiece tokenizer.json, the same vocabulary as a BERT vocab.txt, and a sentencepiece model."""
+    """WordPiece tokenizer.json, the same vocabulary as a BERT vocab.txt, a byte-level BPE and a sentencepiece."""
     from flava_ds.data.tokenizer import Tokenizer
     from tools.train_tokenizer import train_sentencepiece, train_wordpiece
 
     corpus = directory / "corpus.jsonl"
-    write_corpus(corpus, 400)
+    docs = write_corpus(corpus, 400)
     wordpiece = train_wordpiece([corpus], 120, directory / "wp" / "tokenizer.json")
     vocab = directory / "vocab.txt"
     tok = Tokenizer.from_file(wordpiece)
     vocab.write_text("".join(tok.id_to_token(i) + "\n" for i in range(tok.vocab_size)))
     sentencepiece = train_sentencepiece([corpus], 80, directory / "sp" / "sp.model")
-    return {"tokenizer.json": wordpiece, "vocab.txt": vocab, "sentencepiece": sentencepiece}
+    bpe = train_byte_level_bpe(docs, directory / "bpe" / "tokenizer.json")
+    return {"tokenizer.json": wordpiece, "vocab.txt": vocab, "bpe": bpe, "sentencepiece": sentencepiece}
