@@ -196,7 +196,7 @@ def image_schema(settings: ImageSettings, extra: Sequence[tuple[str, pa.DataType
     return pa.schema(fields, metadata={k: str(v) for k, v in meta.items()})
 
 
-def _column(name: str, values: list, dtype: pa.DataType) -> pa.Array:
+def _column(values: list, dtype: pa.DataType) -> pa.Array:
     if pa.types.is_fixed_size_list(dtype):
         flat = pa.array(np.concatenate(values), dtype.value_type)
         return pa.FixedSizeListArray.from_arrays(flat, dtype.list_size)
@@ -223,16 +223,16 @@ def write_image_shard(
             tokens, flipped = encoder.encode([p.pop("view") for p in pending])
             for p, t, f in zip(pending, tokens, flipped):
                 rows.append({**p, "codebook_tokens": t, "codebook_tokens_flipped": f})
+            task.progress(len(pending))
             pending.clear()
 
         def write_rows(final: bool) -> None:
             nonlocal written
             while len(rows) >= ROWS_PER_RECORD_BATCH or (final and rows):
                 batch, rows[:] = rows[:ROWS_PER_RECORD_BATCH], rows[ROWS_PER_RECORD_BATCH:]
-                columns = [_column(f.name, [r[f.name] for r in batch], f.type) for f in schema]
+                columns = [_column([r[f.name] for r in batch], f.type) for f in schema]
                 writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))
                 written += len(batch)
-                task.progress(len(batch))
 
         for sample in prepared:
             if isinstance(sample, SkipSample):
