@@ -7,10 +7,11 @@ log-sum-exp: a preprocess kernel computes ``delta = rowsum(dO * O)``, one kernel
 accumulates dK and dV, and a separate kernel per query block accumulates dQ (no atomics, so the
 gradients are deterministic).
 
-Triton decides at decoration time whether a kernel is compiled for the GPU or run by its CPU
-interpreter (``TRITON_INTERPRET=1``), so the kernels below are plain functions that are decorated on
-first use, once per mode. That keeps ``import flava_ds.kernels`` free of Triton and lets a test turn
-the interpreter on after another module has already imported this one.
+The kernels are plain functions decorated with ``triton.jit`` on first call, so importing this module
+needs no Triton (the annotations stay strings) and calling it without Triton gives a clear error.
+Triton's CPU interpreter (``TRITON_INTERPRET=1``) runs them on CPU tensors for correctness checks;
+Triton fixes that mode for its own language functions when ``triton.language`` is imported, so the
+variable has to be set before that, and a mismatch is reported rather than left to fail obscurely.
 """
 
 from __future__ import annotations
@@ -82,10 +83,8 @@ def _attn_fwd_kernel(
     for start_n in range(0, seq_k, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < seq_k
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=col_ok[:, None], other=0.0)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
         if HAS_MASK:
             keep = tl.load(Mask + b * stride_mask_b + offs_n * stride_mask_n, mask=col_ok, other=0)
             col_ok = col_ok & (keep != 0)
@@ -128,10 +127,16 @@ def _attn_bwd_preprocess_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seq_q
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(dOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+    o = tl.load(
+        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    do = tl.load(
+        dOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        mask=row_ok[:, None],
+        other=0.0,
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + pid_bh.to(tl.int64) * seq_q + offs_m, delta, mask=row_ok)
 
@@ -163,10 +168,16 @@ def _attn_bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     in_range = offs_n < seq_k
-    k = tl.load(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                mask=in_range[:, None], other=0.0)
-    v = tl.load(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                mask=in_range[:, None], other=0.0)
+    k = tl.load(
+        K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        mask=in_range[:, None],
+        other=0.0,
+    )
+    v = tl.load(
+        V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        mask=in_range[:, None],
+        other=0.0,
+    )
     col_ok = in_range
     if HAS_MASK:
         keep = tl.load(Mask + b * stride_mask_b + offs_n * stride_mask_n, mask=in_range, other=0)
@@ -180,26 +191,32 @@ def _attn_bwd_dkdv_kernel(
     for start_m in range(0, seq_q, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < seq_q
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=row_ok[:, None], other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-                     mask=row_ok[:, None], other=0.0)
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
+        do = tl.load(
+            do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0
+        )
         # +inf LSE makes padded-out query rows (and rows with no valid key) contribute exactly zero.
         lse = tl.load(Lse + row_stats + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + row_stats + offs_m, mask=row_ok, other=0.0)
 
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        p_t = tl.where(col_ok[:, None], tl.exp2(s_t - lse[None, :]), 0.0)
+        p_t = tl.exp2(tl.where(col_ok[:, None], s_t, float("-inf")) - lse[None, :])
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
     dk = dk * sm_scale
-    tl.store(dK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             dk.to(dK.dtype.element_ty), mask=in_range[:, None])
-    tl.store(dV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(dV.dtype.element_ty), mask=in_range[:, None])
+    tl.store(
+        dK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+        dk.to(dK.dtype.element_ty),
+        mask=in_range[:, None],
+    )
+    tl.store(
+        dV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+        dv.to(dV.dtype.element_ty),
+        mask=in_range[:, None],
+    )
 
 
 def _attn_bwd_dq_kernel(
@@ -225,10 +242,16 @@ def _attn_bwd_dq_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seq_q
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok[:, None], other=0.0)
-    do = tl.load(dOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom
-                 + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask=row_ok[:, None],
+        other=0.0,
+    )
+    do = tl.load(
+        dOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+        mask=row_ok[:, None],
+        other=0.0,
+    )
     row_stats = pid_bh.to(tl.int64) * seq_q
     lse = tl.load(Lse + row_stats + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + row_stats + offs_m, mask=row_ok, other=0.0)
@@ -239,23 +262,24 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, seq_k, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < seq_k
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                    mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=col_ok[:, None], other=0.0)
+        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
         if HAS_MASK:
             keep = tl.load(Mask + b * stride_mask_b + offs_n * stride_mask_n, mask=col_ok, other=0)
             col_ok = col_ok & (keep != 0)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.where(col_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.exp2(tl.where(col_ok[None, :], s, float("-inf")) - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
     dq = dq * sm_scale
-    tl.store(dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             dq.to(dQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+        dq.to(dQ.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -292,19 +316,30 @@ def _autotune_configs(kind: str, interpret: bool) -> list[Any]:
     major, _ = torch.cuda.get_device_capability() if torch.cuda.is_available() else (8, 0)
     if kind == "fwd":
         if major >= 9:  # Hopper (H100/H200): large query tiles, deeper pipelines
-            return [_config(128, 64, 4, 3), _config(128, 64, 8, 3), _config(128, 128, 8, 2),
-                    _config(128, 128, 8, 3), _config(128, 64, 4, 4), _config(64, 64, 4, 3)]
-        return [_config(128, 64, 4, 2), _config(128, 64, 8, 3), _config(64, 64, 4, 3),  # Ampere and older
-                _config(128, 32, 4, 3), _config(64, 32, 4, 2)]
-    if major >= 9:
-        return [_config(64, 64, 4, 2), _config(64, 128, 8, 2), _config(128, 64, 8, 2), _config(64, 64, 4, 3),
-                _config(128, 128, 8, 2)]
+            return [
+                _config(128, 64, 4, 3),
+                _config(128, 64, 8, 3),
+                _config(128, 64, 8, 4),
+                _config(128, 128, 8, 2),
+                _config(64, 64, 4, 3),
+            ]
+        # Ampere (A100) and older: less shared memory, so shallower pipelines and narrower key tiles
+        return [
+            _config(128, 64, 4, 2),
+            _config(128, 64, 8, 3),
+            _config(64, 64, 4, 3),
+            _config(128, 32, 4, 3),
+            _config(64, 32, 4, 2),
+        ]
+    if major >= 9:  # 128 x 128 backward tiles spill registers at head_dim 64 and above
+        return [_config(64, 64, 4, 2), _config(64, 64, 4, 3), _config(64, 128, 8, 2), _config(128, 64, 8, 2)]
     return [_config(64, 64, 4, 2), _config(32, 64, 4, 2), _config(64, 32, 4, 2), _config(64, 128, 8, 2)]
 
 
 @functools.cache
-def _build_kernels(interpret: bool) -> _Kernels:
-    """Decorate the kernels for the current mode; ``interpret`` must match ``TRITON_INTERPRET`` now."""
+def _kernels() -> _Kernels:
+    """Decorate the kernels once; ``_check_runnable`` has made sure the interpreter switch is consistent."""
+    interpret = _interpret_mode()
 
     def tuned(fn: Any, kind: str) -> Any:
         jitted = triton.jit(fn, do_not_specialize=_NO_SPECIALIZE)
@@ -319,11 +354,13 @@ def _build_kernels(interpret: bool) -> _Kernels:
 
 
 def _interpret_mode() -> bool:
+    """Whether ``triton.jit`` would build interpreter kernels now (TRITON_INTERPRET as Triton parses it)."""
     return bool(triton.knobs.runtime.interpret)
 
 
-def _kernels() -> _Kernels:
-    return _build_kernels(_interpret_mode())
+def _language_interpreted() -> bool:
+    """Whether ``triton.language`` was imported under the interpreter (its reductions are then not JIT)."""
+    return not isinstance(tl.sum, triton.runtime.JITFunction)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -337,11 +374,19 @@ def _check_runnable(q: torch.Tensor) -> None:
             "flash_attention needs the `triton` package, which is not installed. "
             "Use attn_impl='sdpa' (torch.nn.functional.scaled_dot_product_attention) instead."
         )
-    if not q.is_cuda and not _interpret_mode():
+    interpret = _interpret_mode()
+    if not q.is_cuda and not interpret:
         raise RuntimeError(
             f"flash_attention got tensors on '{q.device}', but its Triton kernels run on CUDA GPUs. "
-            "Use attn_impl='sdpa' on this device, or set TRITON_INTERPRET=1 to run the kernels in "
-            "Triton's CPU interpreter (slow; meant for correctness checks)."
+            "Use attn_impl='sdpa' on this device, or set TRITON_INTERPRET=1 in the environment (before "
+            "triton is imported) to run the kernels in Triton's CPU interpreter (slow; for correctness checks)."
+        )
+    if interpret != _language_interpreted():
+        raise RuntimeError(
+            f"TRITON_INTERPRET is {'set' if interpret else 'unset'} now but was "
+            f"{'set' if not interpret else 'unset'} when triton.language was imported, and Triton fixes the "
+            "interpreter mode at import. Set TRITON_INTERPRET before anything imports triton "
+            "(e.g. in the environment of the process), or leave it unset to use the GPU."
         )
 
 
@@ -440,9 +485,7 @@ def _backward(
 
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     mask_arg, mask_stride_b, mask_stride_n = _mask_args(mask, q)
-    common = dict(
-        HAS_MASK=mask is not None, DOT_PRECISION=_dot_precision(q.dtype), BLOCK_D=head_dim,
-    )  # fmt: skip
+    common = {"HAS_MASK": mask is not None, "DOT_PRECISION": _dot_precision(q.dtype), "BLOCK_D": head_dim}
     scalars = (heads, seq_q, seq_k, _seq_bucket(seq_q, seq_k), sm_scale * _LOG2E, sm_scale)
 
     def dkdv_grid(meta: dict[str, Any]) -> tuple[int]:
@@ -505,7 +548,7 @@ def flash_attention(
     Returns a tensor shaped and typed like q. Raises RuntimeError when the kernels cannot run here
     (no Triton, or CPU tensors without TRITON_INTERPRET=1); it never falls back silently.
     """
-    _check_runnable(q)
     _check_inputs(q, k, v, key_padding_mask)
+    _check_runnable(q)
     scale = softmax_scale if softmax_scale is not None else q.shape[3] ** -0.5
     return _FlashAttentionFunction.apply(q, k, v, key_padding_mask, float(scale))
