@@ -80,6 +80,17 @@ def test_whole_words_masked_together():
     assert any(partial), "token-level masking should split some words (else this test proves nothing)"
 
 
+def test_a_special_token_breaks_words():
+    """Pieces on both sides of a special are different words, whatever the word-start flags say."""
+    ids, starts = [CLS, 10, SEP, 11, SEP], [True, True, False, False, True]
+    together = set()
+    for seed in range(300):
+        rng = np.random.default_rng(seed)
+        _, labels = mask_tokens(ids, starts, mask_id=MASK, vocab_size=VOCAB, special_ids=SPECIALS, rng=rng)
+        together.add(tuple(labels[[1, 3]] != IGNORE_INDEX))
+    assert (True, False) in together and (False, True) in together
+
+
 def test_specials_and_padding_never_masked():
     for ids, _, masked, labels in run_many(whole_word=True):
         special = np.isin(ids, list(SPECIALS))

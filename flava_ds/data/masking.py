@@ -60,7 +60,6 @@ def mask_tokens(
             raise ValueError(f"word_starts has shape {starts.shape}, ids have {ids.shape}")
         # A special token always breaks words, whatever the flags say.
         starts = starts | ~maskable
-        starts[1:] |= ~maskable[:-1]
         word_of = np.cumsum(starts) - 1
     else:
         word_of = np.arange(ids.size)
