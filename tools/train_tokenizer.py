@@ -80,7 +80,11 @@ def train_sentencepiece(
     output.parent.mkdir(parents=True, exist_ok=True)
     skipped: Counter = Counter()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=_texts(files, json_key, skipped),
+        # sentencepiece drops "sentences" longer than max_sentence_length: feed it lines, not documents.
+        sentence_iterator=(
+            line for text in _texts(files, json_key, skipped) for line in text.splitlines() if line.strip()
+        ),
+        max_sentence_length=1 << 16,
         model_prefix=str(output.with_suffix("")),
         vocab_size=vocab_size,
         model_type=model_type,
