@@ -188,6 +188,14 @@ def test_windows_cover_every_document_once(text_data):
         TextDataset(output / "nope", tokenizer)
 
 
+def test_dataset_refuses_a_different_tokenizer(text_data, corpus):
+    output, tokenizer, _ = text_data
+    other = Tokenizer.from_file(corpus["tokenizers"]["sentencepiece"])
+    for path in (output, output / "text"):
+        with pytest.raises(ValueError, match=f"tokenized with tokenizer {tokenizer.fingerprint}"):
+            TextDataset(path, other)
+
+
 def test_collate_pads_and_masks_reproducibly(text_data):
     output, tokenizer, _ = text_data
     ds = TextDataset(output, tokenizer, max_length=24)

@@ -29,7 +29,14 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)
     from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
-__all__ = ["IndexedDataset", "IndexedDatasetBuilder", "TextCollator", "TextDataset", "resolve_prefixes"]
+__all__ = [
+    "IndexedDataset",
+    "IndexedDatasetBuilder",
+    "TextCollator",
+    "TextDataset",
+    "recorded_tokenizer",
+    "resolve_prefixes",
+]
 
 
 def resolve_prefixes(paths: str | Path | Sequence[str | Path]) -> list[str]:
@@ -51,6 +58,16 @@ def resolve_prefixes(paths: str | Path | Sequence[str | Path]) -> list[str]:
     return prefixes
 
 
+def recorded_tokenizer(prefix: str | Path) -> str | None:
+    """The tokenizer fingerprint `preprocess/text.py` recorded for a merged dataset (None without a manifest)."""
+    prefix = Path(prefix)
+    for path in prefix.parent.glob("manifest*.json"):
+        manifest = json.loads(path.read_text())
+        if (manifest.get("merged") or {}).get("prefix") == prefix.name:
+            return manifest["fingerprints"].get("tokenizer")
+    return None
+
+
 class TextDataset(Dataset):
     """Windows `[CLS] tokens [SEP]` of at most `max_length` ids over one or more indexed datasets.
 
@@ -63,6 +80,12 @@ class TextDataset(Dataset):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.prefixes = resolve_prefixes(paths)
+        for prefix in self.prefixes:
+            recorded = recorded_tokenizer(prefix)
+            if recorded not in (None, tokenizer.fingerprint):
+                raise ValueError(
+                    f"{prefix} was tokenized with tokenizer {recorded}, but {tokenizer.path} is {tokenizer.fingerprint}"
+                )
         self.datasets = [IndexedDataset(prefix) for prefix in self.prefixes]
         tables = [self._windows(ds.sequence_lengths, max_length - 2) for ds in self.datasets]
         self._dataset = np.concatenate([np.full(len(t[0]), j, dtype=np.int64) for j, t in enumerate(tables)])
