@@ -182,6 +182,31 @@ def test_tsv_with_non_utf8_and_empty_captions(corpus: Path):
     assert read_table(out).column("id").to_pylist() == ["pairs.tsv:2", "pairs.tsv:5"]
 
 
+def test_parquet_input_with_configured_fields(corpus: Path):
+    import pyarrow.parquet as pq
+
+    source = [json.loads(line) for line in (corpus / "pairs.jsonl").read_text().splitlines()][:5]
+    table = pa.table(
+        {
+            "key": [f"k{i}" for i in range(5)],
+            "img": [r["image"] for r in source],
+            "text": [r["caption"] for r in source],
+        }
+    )
+    pq.write_table(table, corpus / "pairs.parquet")
+    out = corpus / "out_parquet"
+    fields = ["--image-field", "img", "--caption-field", "text", "--id-field", "key"]
+    assert pairs.main(pairs_args(corpus, out, *fields, inputs=("pairs.parquet",))) == 0
+    stored = read_table(out)
+    assert stored.column("id").to_pylist() == [f"k{i}" for i in range(5)]
+    assert stored.column("caption").to_pylist() == [r["caption"] for r in source]
+
+
+def test_resuming_with_different_settings_is_refused(corpus: Path, single_run: Path):
+    with pytest.raises(SystemExit, match="image_size"):
+        pairs.main(pairs_args(corpus, single_run, "--image-size", "64"))
+
+
 def test_too_many_skips_exit_non_zero_after_writing_the_manifest(hostile):
     corpus, expected, _ = hostile
     out = corpus / "out_fail"

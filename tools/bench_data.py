@@ -9,7 +9,7 @@ Generates photo-sized JPEG originals (500 x 375) and captions in a temporary dir
 * loading, all in one process with one torch thread (what one DataLoader worker has):
   ours = ``ImageTextDataset`` + collator over the shards; (a) = decode the original, RandomResizedCrop
   to 224 + flip, 112 px codebook view through the dVAE online, same caption/mask/ITM work;
-  (b) = (a) without the dVAE. Prints samples/s and the ratios ours/(a), ours/(b).
+  (b) = (a) without the dVAE. Prints samples/s (best of interleaved rounds) and the ratios ours/(a), ours/(b).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class OnlineBaseline:
             half = image.resize((self.crop // 2, self.crop // 2), Image.LANCZOS, box=box)
             if flip:
                 half = half.transpose(Image.FLIP_LEFT_RIGHT)
-            x = torch.from_numpy(np.asarray(half)).permute(2, 0, 1)[None].float() / 255
+            x = torch.from_numpy(np.array(half)).permute(2, 0, 1)[None].float() / 255
             sample["mim_labels"] = self.codebook.get_codebook_indices(x).flatten()
         caption_index, matched = key.index, 1
         if rng.random() < 0.1:
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=24, help="originals to generate and preprocess")
     parser.add_argument("--samples", type=int, default=256, help="samples per loader measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved loader rounds (best is kept)")
     parser.add_argument("--online-dvae-samples", type=int, default=12, help="samples for baseline (a)")
     parser.add_argument("--codebook", default="random:0", help="full-size DALL-E codebook by default")
     parser.add_argument("--image-size", type=int, default=256)
@@ -204,11 +205,14 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(1)  # what a DataLoader worker gets
         ours = ImageTextDataset(work / "shards", tokenizer, ImageAugment(args.crop))
-        results["load_ours"] = time_loader(ours.__getitem__, ours.collator(), len(ours), args.samples, 32)
         online = OnlineBaseline(records, work, tokenizer, None, args.crop, seed=0)
-        results["load_b_online_no_dvae"] = time_loader(
-            online.__getitem__, online.collate, len(records), args.samples, 32
-        )
+        # interleaved rounds, best of each: other load on the machine hits both pipelines alike
+        for _ in range(args.rounds):
+            for name, get, collate, size in (
+                ("load_ours", ours.__getitem__, ours.collator(), len(ours)),
+                ("load_b_online_no_dvae", online.__getitem__, online.collate, len(records)),
+            ):
+                results[name] = max(results.get(name, 0.0), time_loader(get, collate, size, args.samples, 32))
         online.codebook = load_codebook(args.codebook)
         results["load_a_online_dvae"] = time_loader(
             online.__getitem__, online.collate, len(records), args.online_dvae_samples, args.online_dvae_samples

@@ -76,7 +76,8 @@ def crop_with_tokens(
     of columns [ox, ox + crop) of the stored image, i.e. columns [S - ox - crop, S - ox) of the flipped
     image, whose token grid is ``tokens_flipped``.
     """
-    image = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+    decoded = Image.open(io.BytesIO(jpeg))
+    image = np.asarray(decoded if decoded.mode == "RGB" else decoded.convert("RGB"))
     size = image.shape[0]
     grid, cells = size // PATCH, crop // PATCH
     if crop % PATCH or crop > size:
