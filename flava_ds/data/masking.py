@@ -82,11 +82,13 @@ def mask_tokens(
 class BlockMaskGenerator:
     """BEiT block-wise masking of a patch grid (Bao et al. 2021, as used by FLAVA for MIM/MMM-image).
 
-    Rectangles of at least `min_num_patches` patches with log-uniform aspect ratio are added until
-    `num_masking_patches` are masked or no rectangle fits the remaining budget, so the count lies in
-    [min_num_patches, num_masking_patches] and masked patches come in blocks. Unlike BEiT, a rectangle
-    may span the whole grid side and is never smaller than the minimum block, which keeps small
-    grids (e.g. 4x4) working and every masked patch next to another one.
+    As in BEiT, rectangles of area ~U(min_num_patches, remaining budget) with log-uniform aspect
+    ratio are added (each adding at most the remaining budget) until `num_masking_patches` are
+    masked or 10 tries in a row fail; the count averages ~74.5 of 75 on 14x14. Three changes keep
+    small grids (e.g. 4x4) working: a rectangle may span a whole grid side, a lone 1x1 rectangle is
+    never placed when min_num_patches >= 2 (so every masked patch has a masked 4-neighbour), and a
+    mask with fewer than min_num_patches patches is drawn again, so the count lies in
+    [min_num_patches, num_masking_patches].
     """
 
     MAX_RESTARTS = 100
@@ -131,11 +133,11 @@ class BlockMaskGenerator:
     def _add_block(self, mask: np.ndarray, budget: int, rng: np.random.Generator) -> int:
         """Mask one more rectangle adding between 1 and `budget` patches; returns how many it added."""
         for _ in range(self.attempts_per_block):
-            target = rng.uniform(self.min_num_patches, max(self.min_num_patches, budget))
+            target = rng.uniform(min(self.min_num_patches, budget), max(self.min_num_patches, budget))
             aspect = math.exp(rng.uniform(*self.log_aspect))
             h = round(math.sqrt(target * aspect))
             w = round(math.sqrt(target / aspect))
-            if h * w < self.min_num_patches or h > self.height or w > self.width:
+            if h * w < 2 <= self.min_num_patches or h > self.height or w > self.width:
                 continue
             top = int(rng.integers(0, self.height - h + 1))
             left = int(rng.integers(0, self.width - w + 1))
