@@ -150,6 +150,12 @@ def test_block_masks(grid, target, minimum):
     assert len(set(counts)) > 1 or target == minimum
 
 
+def test_default_block_mask_count_matches_beit():
+    """BEiT's own generator averages ~74.5 masked patches of 75 on 14x14 (min block 16)."""
+    gen, rng = BlockMaskGenerator(), np.random.default_rng(1)
+    assert 73.5 < np.mean([gen(rng).sum() for _ in range(1000)]) <= 75
+
+
 def test_block_mask_neighbour_check_can_fail():
     scattered = np.zeros((14, 14), dtype=bool)
     scattered[::3, ::3] = True
