@@ -51,6 +51,7 @@ from preprocess.common import (
     is_valid_utf8,
     manifest_name,
     read_jsonl,
+    shard_name,
     worker_pool,
 )
 
@@ -199,7 +200,7 @@ def merge_shards(output: Path, manifest_file: str, prefix_name: str, dtype: type
     gc.freeze()
     try:
         for shard in manifest["shards"]:
-            builder.add_index(str(output / Path(shard["files"][0]["name"]).stem))
+            builder.add_index(str(output / shard_name(shard["index"])))
     finally:
         gc.unfreeze()
     builder.finalize(f"{tmp_prefix}.idx")
