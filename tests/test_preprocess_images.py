@@ -273,6 +273,13 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path: Path):
     a, b = ArrowShards(killed), ArrowShards(reference)
     assert [a.row(i, ["id"]) for i in range(len(a))] == [b.row(i, ["id"]) for i in range(len(b))]
     assert len(a) == 24
+    # a recorded shard damaged later (wrong size) is redone, the others kept
+    damaged = killed / "shard-000001.arrow"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    kept = (killed / "shard-000002.arrow").stat().st_ino
+    assert pairs.main(pairs_args(root, killed, *args)) == 0
+    assert shard_bytes(killed) == shard_bytes(reference)
+    assert (killed / "shard-000002.arrow").stat().st_ino == kept
 
 
 # ---- image-only corpora -----------------------------------------------------------------------------
