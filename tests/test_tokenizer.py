@@ -70,6 +70,18 @@ def test_word_starts_group_pieces_into_words(tok):
     assert words == WORDS
 
 
+def test_wordpiece_without_decoder_still_decodes_words(paths, tmp_path):
+    raw = json.loads(paths["tokenizer.json"].read_text())
+    raw["decoder"] = None
+    (tmp_path / "tokenizer.json").write_text(json.dumps(raw))
+    assert (
+        Tokenizer.from_file(tmp_path / "tokenizer.json").decode(
+            Tokenizer.from_file(paths["tokenizer.json"]).encode(TEXT)
+        )
+        == TEXT.lower()
+    )
+
+
 def test_vocab_txt_matches_tokenizer_json(paths):
     wordpiece, vocab = Tokenizer.from_file(paths["tokenizer.json"]), Tokenizer.from_file(paths["vocab.txt"])
     assert vocab.encode(TEXT) == wordpiece.encode(TEXT)

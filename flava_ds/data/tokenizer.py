@@ -61,6 +61,9 @@ class _HFBackend:
         self.tok = tok
         self.tok.no_padding()
         self.tok.no_truncation()
+        if self.tok.decoder is None and isinstance(self.tok.model, models.WordPiece):
+            # Without it decode() would print "##" pieces as separate words.
+            self.tok.decoder = decoders.WordPiece(prefix=self.tok.model.continuing_subword_prefix)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [enc.ids for enc in self.tok.encode_batch(list(texts), add_special_tokens=False)]
