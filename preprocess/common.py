@@ -17,13 +17,14 @@ API for a converter (see ``preprocess/pairs.py`` for a full example)::
     parser = argparse.ArgumentParser(...)
     add_common_args(parser)                       # --output --workers --shard-size --num-shards
                                                   # --shard-index --max-skip-fraction --no-progress
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)              # check_common_args(args) early gives a clean parser.error
     run = ShardedRun(args, kind="text", fingerprints={"tokenizer": tok.fingerprint},
                      file_suffixes=(".bin", ".idx"),         # the files making up one shard
                      resume_ignore=("workers",))             # args that may change between runs
     def convert(shard: ShardTask) -> ShardResult:
         # shard.index, shard.records: list of (record_index, payload)
-        # write shard.tmp_path(".bin") / shard.tmp_path(".idx"), count skips by reason
+        # write shard.tmp_path(".bin") / shard.tmp_path(".idx"), count skips by reason,
+        # call shard.progress(n) as samples are written (drives the progress bar)
         return ShardResult(samples=n_written, skipped=Counter({"empty_text": 3}))
     return run.run(records, convert)             # records: Iterable[payload]; returns the exit code
 
@@ -253,6 +254,16 @@ def add_common_args(parser: argparse.ArgumentParser, default_shard_size: int = 1
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def check_common_args(args: argparse.Namespace) -> None:
+    """ValueError naming the flag; converters call it before starting workers (then ``parser.error``)."""
+    if args.shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
+    if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
+        raise ValueError(f"--shard-index {args.shard_index} not in [0, --num-shards {args.num_shards})")
+    if not 0.0 <= args.max_skip_fraction <= 1.0:
+        raise ValueError(f"--max-skip-fraction must be in [0, 1], got {args.max_skip_fraction}")
+
+
 @dataclass
 class ShardResult:
     samples: int
@@ -296,12 +307,7 @@ class ShardedRun:
         file_suffixes: Sequence[str],
         resume_ignore: Sequence[str] = (),
     ):
-        if args.shard_size < 1:
-            raise ValueError(f"--shard-size must be >= 1, got {args.shard_size}")
-        if args.num_shards < 1 or not 0 <= args.shard_index < args.num_shards:
-            raise ValueError(f"--shard-index {args.shard_index} not in [0, --num-shards {args.num_shards})")
-        if not 0.0 <= args.max_skip_fraction <= 1.0:
-            raise ValueError(f"--max-skip-fraction must be in [0, 1], got {args.max_skip_fraction}")
+        check_common_args(args)
         self.args = args
         self.kind = kind
         self.fingerprints = dict(fingerprints)
@@ -469,6 +475,7 @@ __all__ = [
     "add_common_args",
     "atomic_write_bytes",
     "atomic_write_json",
+    "check_common_args",
     "file_sha256",
     "is_valid_utf8",
     "manifest_name",

@@ -42,6 +42,7 @@ from preprocess.common import (
     ShardTask,
     add_common_args,
     atomic_write_json,
+    check_common_args,
     worker_pool,
 )
 
@@ -268,6 +269,19 @@ def image_settings(args: argparse.Namespace) -> ImageSettings:
     return ImageSettings(args.image_size, args.min_side, args.max_pixels, args.jpeg_quality)
 
 
+def check_image_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ImageSettings:
+    """Validate the image and common flags before any worker starts; exits with a usage error."""
+    try:
+        check_common_args(args)
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        if not 1 <= args.jpeg_quality <= 100:
+            raise ValueError(f"--jpeg-quality must be in [1, 100], got {args.jpeg_quality}")
+        return image_settings(args)
+    except ValueError as e:
+        parser.error(str(e))
+
+
 def run_image_conversion(
     args: argparse.Namespace,
     kind: str,
@@ -367,10 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = Path(args.image_root) if args.image_root else source.parent
     else:
         parser.error(f"--input {source}: no such file or directory")
-    try:
-        settings = image_settings(args)
-    except ValueError as e:
-        parser.error(str(e))
+    settings = check_image_args(parser, args)
     if classes is not None:
         Path(args.output).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(args.output) / "classes.json", {name: i for i, name in enumerate(classes)})

@@ -34,6 +34,7 @@ from preprocess.images import (
     BAD_RECORD,
     SkipSample,
     add_image_args,
+    check_image_args,
     image_settings,
     load_square_image,
     run_image_conversion,
@@ -125,10 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        image_settings(args)
-    except ValueError as e:
-        parser.error(str(e))
+    check_image_args(parser, args)
+    if args.max_length < 2:
+        parser.error(f"--max-length must be >= 2 to hold [CLS] and [SEP], got {args.max_length}")
     for path in args.input:
         if not Path(path).is_file():
             parser.error(f"--input {path}: no such file")
