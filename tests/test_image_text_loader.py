@@ -268,3 +268,40 @@ def test_inspect_shards_tool(shards: Path, tmp_path: Path, capsys):
     out = capsys.readouterr().out
     assert "inputs=24 written=24" in out and out.count("id=pairs.jsonl:") == 3
     assert Image.open(png).size[0] > 0
+
+
+def test_batches_are_accepted_by_the_tiny_model(shards: Path, tokenizer: Tokenizer):
+    from flava_ds.model import FlavaConfig, FlavaForPreTraining
+
+    torch.manual_seed(0)
+    model = FlavaForPreTraining(FlavaConfig.preset("tiny"))  # 64 px images, 64 codebook tokens
+    ds = ImageTextDataset(shards, tokenizer, ImageAugment(64), itm_negative_prob=0.5)
+    image_text = model(**ds.collator()([ds[SampleKey(i, 0)] for i in range(6)]))
+    assert {"mim", "mlm"}.isdisjoint(image_text.losses) and torch.isfinite(image_text.loss)
+    assert {"itm", "global_contrastive", "mmm_image", "mmm_text"} <= set(image_text.losses)
+    image_only = ImageDataset(shards, ImageAugment(64))
+    out = model(**image_only.collator()([image_only[i] for i in range(4)]))
+    assert set(out.losses) == {"mim"} and torch.isfinite(out.loss)
+
+
+def test_flava_full_geometry(tmp_path: Path):
+    """S = 256 stored, 224 crops: 14 x 14 patches, masks of 16-75 patches, labels from the 16 x 16 grid."""
+    make_tokenizer(tmp_path)
+    make_pairs(tmp_path, 4, seed=2)
+    assert pairs.main(pairs_args(tmp_path, tmp_path / "out", "--image-size", "256")) == 0
+    ds = ImageTextDataset(tmp_path / "out", Tokenizer.from_file(tmp_path / "tokenizer.json"))  # crop 224
+    batch = ds.collator()([ds[SampleKey(i, e)] for e in range(3) for i in range(4)])
+    assert batch["pixel_values"].shape == (12, 3, 224, 224)
+    assert batch["mim_labels"].shape == batch["bool_masked_pos"].shape == (12, 196)
+    counts = batch["bool_masked_pos"].sum(1)
+    assert (counts >= 16).all() and (counts <= 75).all()
+    grids = [ds.shards.row(i, ["codebook_tokens", "codebook_tokens_flipped"]) for i in range(4)]
+    for n, labels in enumerate(batch["mim_labels"].numpy()):
+        stored = grids[n % 4]
+        windows = [
+            grid.reshape(16, 16)[y : y + 14, x : x + 14].reshape(-1)
+            for grid in (stored["codebook_tokens"], stored["codebook_tokens_flipped"])
+            for y in (0, 1, 2)
+            for x in (0, 1, 2)
+        ]
+        assert any(np.array_equal(labels, w) for w in windows)
