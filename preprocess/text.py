@@ -47,6 +47,7 @@ from preprocess.common import (
     ShardTask,
     add_common_args,
     atomic_write_json,
+    check_common_args,
     file_sha256,
     is_valid_utf8,
     manifest_name,
@@ -128,7 +129,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[Path]:
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         found = [Path(m) for m in matches if Path(m).is_file()]
         if not found:
-            raise SystemExit(f"--input {pattern!r}: no such file")
+            raise ValueError(f"--input {pattern!r}: no such file")
         paths.extend(found)
     return paths
 
@@ -233,10 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    tokenizer = Tokenizer.from_file(args.tokenizer)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_common_args(args)
+        tokenizer = Tokenizer.from_file(args.tokenizer)
+        inputs = expand_inputs(args.input)
+    except ValueError as e:
+        parser.error(str(e))
     dtype = token_dtype(tokenizer.vocab_size)
-    inputs = expand_inputs(args.input)
     run = ShardedRun(
         args,
         kind="text",

@@ -158,6 +158,22 @@ def test_nodes_write_disjoint_parts_that_together_hold_every_document(corpus, tm
     assert stored == sorted(tokenizer.encode_raw(corpus["docs"]))
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--input": "missing.jsonl"}, "--input 'missing.jsonl': no such file"),
+        ({"--tokenizer": "missing.json"}, "tokenizer file not found"),
+        ({"--shard-index": "2", "--num-shards": "2"}, "--shard-index 2 not in"),
+    ],
+)
+def test_bad_flags_are_usage_errors(corpus, tmp_path, capsys, change, message):
+    args = {"--input": str(corpus["inputs"][0]), "--tokenizer": str(corpus["tokenizers"]["tokenizer.json"])}
+    args = {**args, "--output": str(tmp_path), **change}
+    with pytest.raises(SystemExit) as exit_info:
+        preprocess_text([item for pair in args.items() for item in pair])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_changed_settings_refuse_to_resume(corpus, tmp_path):
     tokenizers = corpus["tokenizers"]
     assert run(corpus["inputs"], tmp_path, tokenizers["tokenizer.json"]) == 0

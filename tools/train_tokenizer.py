@@ -111,7 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="tokenizer.json (wordpiece) or NAME.model (sentencepiece)")
     parser.add_argument("--json-key", default="text", help="JSONL field holding the text")
     args = parser.parse_args(argv)
-    files = expand_inputs(args.input)
+    try:
+        files = expand_inputs(args.input)
+    except ValueError as e:
+        parser.error(str(e))
     train = train_wordpiece if args.type == "wordpiece" else train_sentencepiece
     path = train(files, args.vocab_size, args.output, json_key=args.json_key)
     print(f"[train_tokenizer] wrote {path}", file=sys.stderr)
