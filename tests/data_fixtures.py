@@ -122,7 +122,8 @@ def write_hostile_jsonl(root: Path, rng: np.random.Generator) -> tuple[list[byte
     random_image(rng, 100, 80).save(png, "PNG")
     (img / "truncated.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
     Image.new("RGB", (1, 1), (200, 10, 10)).save(img / "tiny.png")
-    (img / "huge.png").write_bytes(huge_png_header())
+    (img / "huge.png").write_bytes(huge_png_header())  # beyond PIL's own decompression-bomb limit
+    (img / "big.png").write_bytes(huge_png_header(9000, 9000))  # under PIL's limit, over --max-pixels
     good = "img/0000.jpg"
 
     def line(image: str, cap: str | bytes) -> bytes:
@@ -139,6 +140,7 @@ def write_hostile_jsonl(root: Path, rng: np.random.Generator) -> tuple[list[byte
         line(good, b"caf\xe9 au lait on a table \xff\xfe"),
         line("bad/tiny.png", caption(rng)),
         line("bad/huge.png", caption(rng)),
+        line("bad/big.png", caption(rng)),
         line(good, "two words"),
         b"{not json at all\n",
     ]
@@ -149,7 +151,7 @@ def write_hostile_jsonl(root: Path, rng: np.random.Generator) -> tuple[list[byte
         "empty_caption": 2,
         "caption_not_utf8": 1,
         "too_small": 1,
-        "too_large": 1,
+        "too_large": 2,
         "too_few_words": 1,
         "bad_record": 1,
     }
