@@ -23,9 +23,12 @@ API for a converter (see ``preprocess/pairs.py`` for a full example)::
                      resume_ignore=("workers",))             # args that may change between runs
     def convert(shard: ShardTask) -> ShardResult:
         # shard.index, shard.records: list of (record_index, payload)
-        # write shard.tmp_path(".bin") / shard.tmp_path(".idx"), count skips by reason,
-        # call shard.progress(n) as samples are written (drives the progress bar)
-        return ShardResult(samples=n_written, skipped=Counter({"empty_text": 3}))
+        # write shard.tmp_path(".bin") / shard.tmp_path(".idx"); call shard.progress(n) as samples
+        # are written (drives the progress bar); count each skip with result.skip(reason, where)
+        result = ShardResult(samples=0)
+        result.skip("empty_text", "corpus.jsonl:17")    # first few per reason: printed + in manifest
+        result.samples = n_written
+        return result
     return run.run(records, convert)             # records: Iterable[payload]; returns the exit code
 
 ``run.run`` drives the progress bar (samples/s), the resume logic and the manifest; it returns 0, or
@@ -38,8 +41,8 @@ multiprocessing pool, or in-process when workers == 0), ``atomic_write_bytes``/`
 Manifest (``manifest.json``, or ``manifest-node{n}-of-{N}.json`` for multi-machine runs)::
 
     {"kind", "format_version", "args", "fingerprints", "complete",
-     "inputs_seen", "samples_written", "skipped": {reason: count},
-     "shards": [{"index", "first_record", "num_records", "samples", "skipped",
+     "inputs_seen", "samples_written", "skipped": {reason: count}, "skip_examples": {reason: [where]},
+     "shards": [{"index", "first_record", "num_records", "samples", "skipped", "skip_examples",
                  "files": [{"name", "size", "sha256"}]}],
      "skip_check": {"fraction", "max", "passed"}}
 """
@@ -264,10 +267,22 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-skip-fraction must be in [0, 1], got {args.max_skip_fraction}")
 
 
+EXAMPLES_PER_REASON = 5
+
+
 @dataclass
 class ShardResult:
+    """What a converter reports for one shard; count skips with ``skip`` so examples are kept."""
+
     samples: int
     skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few "where: why"
+
+    def skip(self, reason: str, where: str) -> None:
+        self.skipped[reason] += 1
+        kept = self.examples.setdefault(reason, [])
+        if len(kept) < EXAMPLES_PER_REASON:
+            kept.append(where)
 
 
 @dataclass
@@ -321,8 +336,12 @@ class ShardedRun:
     def _manifest(self, shards: dict[int, dict], complete: bool) -> dict:
         ordered = [shards[k] for k in sorted(shards)]
         skipped = Counter()
+        examples: dict[str, list[str]] = {}
         for s in ordered:
             skipped.update(s["skipped"])
+            for reason, found in s.get("skip_examples", {}).items():
+                kept = examples.setdefault(reason, [])
+                kept.extend(found[: EXAMPLES_PER_REASON - len(kept)])
         inputs = sum(s["num_records"] for s in ordered)
         fraction = sum(skipped.values()) / inputs if inputs else 0.0
         return {
@@ -336,6 +355,7 @@ class ShardedRun:
             "inputs_seen": inputs,
             "samples_written": sum(s["samples"] for s in ordered),
             "skipped": dict(sorted(skipped.items())),
+            "skip_examples": dict(sorted(examples.items())),
             "shards": ordered,
             "skip_check": {
                 "fraction": fraction,
@@ -398,8 +418,18 @@ class ShardedRun:
             "num_records": len(task.records),
             "samples": result.samples,
             "skipped": dict(sorted(result.skipped.items())),
+            "skip_examples": dict(sorted(result.examples.items())),
             "files": files,
         }
+
+    def _report_skips(self, result: ShardResult, shards: dict[int, dict]) -> None:
+        """Print the first few skipped samples of each reason in this run, naming where they are."""
+        shown = Counter()
+        for s in shards.values():
+            shown.update({reason: len(found) for reason, found in s.get("skip_examples", {}).items()})
+        for reason, found in result.examples.items():
+            for where in found[: max(0, EXAMPLES_PER_REASON - shown[reason])]:
+                tqdm.write(f"[{self.kind}] skipped ({reason}) {where}", file=sys.stderr)
 
     def run(self, records: Iterable[Any], convert: Callable[[ShardTask], ShardResult]) -> int:
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -432,6 +462,7 @@ class ShardedRun:
                 progress=bar.update,
             )
             result = convert(task)
+            self._report_skips(result, shards)
             shards[k] = self._commit(task, result)
             atomic_write_json(self.manifest_path, self._manifest(shards, complete=False))
             written += result.samples

@@ -25,7 +25,6 @@ import io
 import os
 import sys
 import warnings
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +63,7 @@ class SkipSample(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -213,10 +213,9 @@ def write_image_shard(
     """Consume prepared samples (in record order), add dVAE tokens in batches, write one Arrow IPC file.
 
     A prepared sample is a dict with the schema's columns except the token columns, plus ``view``."""
-    skipped: Counter = Counter()
+    result = ShardResult(samples=0)
     pending: list[dict] = []
     rows: list[dict] = []
-    written = 0
 
     with pa.OSFile(str(task.tmp_path(".arrow")), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
 
@@ -228,16 +227,15 @@ def write_image_shard(
             pending.clear()
 
         def write_rows(final: bool) -> None:
-            nonlocal written
             while len(rows) >= ROWS_PER_RECORD_BATCH or (final and rows):
                 batch, rows[:] = rows[:ROWS_PER_RECORD_BATCH], rows[ROWS_PER_RECORD_BATCH:]
                 columns = [_column([r[f.name] for r in batch], f.type) for f in schema]
                 writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=schema))
-                written += len(batch)
+                result.samples += len(batch)
 
         for sample in prepared:
             if isinstance(sample, SkipSample):
-                skipped[sample.reason] += 1
+                result.skip(sample.reason, sample.detail)
                 continue
             pending.append(sample)
             if len(pending) >= encoder.batch_size:
@@ -246,7 +244,7 @@ def write_image_shard(
         if pending:
             tokenize_pending()
         write_rows(final=True)
-    return ShardResult(samples=written, skipped=skipped)
+    return result
 
 
 def add_image_args(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +67,10 @@ def _init_pair_worker(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
     )
 
 
-def check_caption(caption: Any, min_words: int, classify) -> str:
+def check_caption(caption: Any, min_words: int, classify: Callable[[str], tuple] | None) -> str:
     """The caption without surrounding whitespace, or SkipSample with the reason it is unusable."""
     if caption is None or (isinstance(caption, str) and not caption.strip()):
-        raise SkipSample(EMPTY_CAPTION)
+        raise SkipSample(EMPTY_CAPTION, "caption is empty")
     if not isinstance(caption, str):
         raise SkipSample(BAD_RECORD, f"caption is a {type(caption).__name__}, not a string")
     if not is_valid_utf8(caption):
@@ -84,26 +84,26 @@ def check_caption(caption: Any, min_words: int, classify) -> str:
 
 
 def prepare_pair_record(record: tuple[int, tuple[str, Any]]) -> dict | SkipSample:
-    """(record index, (source id, parsed record)) -> prepared row or the reason to skip it."""
+    """(record index, (source id, parsed record)) -> prepared row, or the reason to skip it and where."""
     _, (source_id, payload) = record
     args = _worker["args"]
     try:
         if isinstance(payload, BadRecord):
-            raise SkipSample(BAD_RECORD, f"{payload.where}: {payload.error}")
+            raise SkipSample(BAD_RECORD, payload.error)
         sample_id = source_id
         if args.id_field:
-            if payload.get(args.id_field) in (None, ""):
-                raise SkipSample(BAD_RECORD, f"{source_id}: no {args.id_field!r} field")
-            sample_id = str(payload[args.id_field])
+            sample_id = payload.get(args.id_field)
+            if sample_id in (None, "") or not is_valid_utf8(str(sample_id)):
+                raise SkipSample(BAD_RECORD, f"no usable {args.id_field!r} field")
         caption = check_caption(payload.get(args.caption_field), args.min_words, _worker["classify"])
         image_path = payload.get(args.image_field)
         if not isinstance(image_path, str) or not image_path:
-            raise SkipSample(BAD_RECORD, f"{source_id}: no {args.image_field!r} field")
+            raise SkipSample(BAD_RECORD, f"no {args.image_field!r} field")
         jpeg, view = load_square_image(_worker["root"] / image_path, _worker["settings"])
     except SkipSample as skip:
-        return skip
+        return SkipSample(skip.reason, f"{source_id}: {skip.detail}")
     input_ids = _worker["tokenizer"].encode(caption, args.max_length)
-    return {"id": sample_id, "image": jpeg, "view": view, "input_ids": input_ids, "caption": caption}
+    return {"id": str(sample_id), "image": jpeg, "view": view, "input_ids": input_ids, "caption": caption}
 
 
 def build_parser() -> argparse.ArgumentParser:

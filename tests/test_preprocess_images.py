@@ -160,6 +160,10 @@ def test_hostile_inputs_are_skipped_and_counted_by_reason(hostile):
     assert rc == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["skipped"] == expected
+    examples = manifest["skip_examples"]  # each reason names its input line (and file where there is one)
+    assert {reason: len(found) for reason, found in examples.items()} == expected
+    assert all(where.startswith("hostile.jsonl:") for found in examples.values() for where in found)
+    assert "does_not_exist.jpg" in examples["missing_file"][0]
     assert manifest["samples_written"] == n_good
     assert manifest["inputs_seen"] == n_good + sum(expected.values())
     assert len(ArrowShards(out)) == n_good
