@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +230,20 @@ def test_english_only_without_langid_is_a_clear_error(corpus: Path):
             pairs.main(pairs_args(corpus, corpus / "out_en", "--english-only"))
     else:
         pytest.skip("langid is installed")
+
+
+def test_english_only_counts_other_languages(corpus: Path, monkeypatch):
+    """A stand-in `langid` (the real one is optional): captions mentioning 'river' count as French."""
+    fake = types.SimpleNamespace(classify=lambda text: ("fr", 1.0) if "river" in text else ("en", 1.0))
+    monkeypatch.setitem(sys.modules, "langid", fake)
+    out = corpus / "out_english"
+    assert pairs.main(pairs_args(corpus, out, "--english-only", "--max-skip-fraction", "1")) == 0
+    source = [json.loads(line)["caption"] for line in (corpus / "pairs.jsonl").read_text().splitlines()]
+    french = sum("river" in c for c in source)
+    assert 0 < french < len(source)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["skipped"] == {"not_english": french}
+    assert read_table(out).column("caption").to_pylist() == [c for c in source if "river" not in c]
 
 
 def test_image_size_must_be_a_multiple_of_16(corpus: Path):
