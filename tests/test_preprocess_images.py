@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from flava_ds.data.arrow_dataset import ArrowShards
+from flava_ds.data.arrow_dataset import ArrowShards, ShardError
 from flava_ds.data.image_text import ImageAugment, ImageDataset
 from flava_ds.data.tokenizer import Tokenizer
 from flava_ds.model.codebook import load_codebook
@@ -140,6 +141,11 @@ def test_two_machines_together_equal_the_single_run(corpus: Path, single_run: Pa
     node0 = json.loads((out / "manifest-node000-of-002.json").read_text())
     assert [s["index"] for s in node0["shards"]] == [0, 2]
     ids = ArrowShards(out).row
+    half = corpus / "out_one_node"
+    shutil.copytree(out, half)
+    (half / "manifest-node001-of-002.json").unlink()
+    with pytest.raises(ShardError, match=r"machines \[0\] present"):
+        ArrowShards(half)
     assert sorted(ids(i, ["id"])["id"] for i in range(N_PAIRS)) == sorted(
         read_table(single_run).column("id").to_pylist()
     )
