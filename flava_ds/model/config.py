@@ -117,6 +117,17 @@ class FlavaConfig:
         return dataclasses.asdict(self)
 
 
+def validate_for_tensor_parallel(config: FlavaConfig, tensor_parallel_size: int) -> None:
+    """Refuse a TP size the encoders cannot be split by (attention heads and MLP features go to TP ranks)."""
+    for name in ("image", "text", "multimodal"):
+        enc: EncoderConfig = getattr(config, name)
+        for key in ("hidden_size", "num_heads", "mlp_size"):
+            if getattr(enc, key) % tensor_parallel_size:
+                raise ValueError(
+                    f"{name}.{key}={getattr(enc, key)} is not divisible by tensor_parallel_size={tensor_parallel_size}"
+                )
+
+
 def _build(cls: type, values: dict[str, Any], where: str):
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)

@@ -8,16 +8,33 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
 from flava_ds.parallel.state import data_parallel_group
 
 
+class _AllGather(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's rows. (torch.distributed.nn's version
+    emulates that on gloo with scatters that mis-address the ranks of a subgroup, e.g. the DP group under TP.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad.chunk(dist.get_world_size(ctx.group))[dist.get_rank(ctx.group)], None
+
+
 def _gather(x: torch.Tensor, group: dist.ProcessGroup | None, with_grad: bool) -> torch.Tensor:
     if with_grad:
-        return torch.cat(dist_fn.all_gather(x, group=group or dist.group.WORLD), dim=0)
+        return _AllGather.apply(x, group)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, x.contiguous(), group=group)
     parts[dist.get_rank(group)] = x  # keep the local block in the graph

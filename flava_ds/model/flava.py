@@ -17,11 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flava_ds.model.config import FlavaConfig, merge_overrides
+from flava_ds.model.config import FlavaConfig, merge_overrides, validate_for_tensor_parallel
 from flava_ds.model.contrastive import GlobalContrastiveLoss
 from flava_ds.model.encoders import ImageEncoder, MultimodalEncoder, TextEncoder
 from flava_ds.model.heads import ITMHead, MaskedPredictionHead
 from flava_ds.model.hf_io import expect_keys, read_config, read_state_dict, write_checkpoint
+from flava_ds.parallel import checkpoint as tp_checkpoint
+from flava_ds.parallel.layers import TensorParallelLinear
+from flava_ds.parallel.state import is_global_rank_zero, tensor_parallel_size
 
 IGNORE_INDEX = -100
 NATIVE_FORMAT = "flava_ds"
@@ -38,10 +41,22 @@ class FlavaOutput:
 
 
 class FlavaForPreTraining(nn.Module):
+    """Under tensor parallelism (`flava_ds.parallel.state.initialize_parallel` before construction) the encoders'
+    attention and MLP projections and the text decoders are split over the TP ranks; `state_dict()` then holds
+    this rank's shards and `full_state_dict()` the whole model, which every export uses."""
+
     def __init__(self, config: FlavaConfig):
         super().__init__()
         config.validate()
+        validate_for_tensor_parallel(config, tensor_parallel_size())
         self.config = config
+        # Constructors draw from the RNG differently at each TP size (nn.Linear does, megatron's layers do not);
+        # initialisation starts from the state construction found, so a seed gives the same weights at any T.
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            self._build(config)
+        self.apply(self._init_weights)
+
+    def _build(self, config: FlavaConfig) -> None:
         img, txt, mm = config.image, config.text, config.multimodal
         self.image_encoder = ImageEncoder(config)
         self.text_encoder = TextEncoder(config)
@@ -50,16 +65,18 @@ class FlavaForPreTraining(nn.Module):
         self.text_projection = nn.Linear(txt.hidden_size, config.projection_dim)
         self.image_to_mm_projection = nn.Linear(img.hidden_size, mm.hidden_size)
         self.text_to_mm_projection = nn.Linear(txt.hidden_size, mm.hidden_size)
-        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init))
+        # shape (1,), not (): DeepSpeed's parameter broadcast cannot view a 0-dim tensor as bytes
+        self.logit_scale = nn.Parameter(torch.full((1,), config.logit_scale_init))
         self.mim_head = MaskedPredictionHead(img.hidden_size, img.codebook_vocab_size, img.layer_norm_eps)
-        self.mlm_head = MaskedPredictionHead(txt.hidden_size, txt.vocab_size, txt.layer_norm_eps)
+        self.mlm_head = MaskedPredictionHead(txt.hidden_size, txt.vocab_size, txt.layer_norm_eps, vocab_parallel=True)
         self.mmm_image_head = MaskedPredictionHead(
             mm.hidden_size, img.codebook_vocab_size, img.layer_norm_eps
         )
-        self.mmm_text_head = MaskedPredictionHead(mm.hidden_size, txt.vocab_size, txt.layer_norm_eps)
+        self.mmm_text_head = MaskedPredictionHead(
+            mm.hidden_size, txt.vocab_size, txt.layer_norm_eps, vocab_parallel=True
+        )
         self.itm_head = ITMHead(mm.hidden_size)
         self.contrastive = GlobalContrastiveLoss(config.global_backprop_contrastive, config.logit_scale_max)
-        self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -67,6 +84,8 @@ class FlavaForPreTraining(nn.Module):
             nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+        elif isinstance(module, TensorParallelLinear):
+            module.init_normal_(std)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=std)
             if module.padding_idx is not None:
@@ -76,10 +95,21 @@ class FlavaForPreTraining(nn.Module):
             nn.init.zeros_(module.bias)
 
     # ---- checkpoints --------------------------------------------------------------------------------
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict at tensor-parallel size 1 (shards gathered, vocabulary padding dropped) on every rank.
+        Collective over the TP group; equals `state_dict()` without tensor parallelism."""
+        return tp_checkpoint.full_state_dict(self)
+
+    def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a TP = 1 state dict; under tensor parallelism each rank keeps its shards."""
+        tp_checkpoint.load_full_state_dict(self, state)
+
     def save_pretrained(self, directory: str | Path) -> None:
-        """Our own export: `config.json` (format flava_ds, the FlavaConfig) + fp32 `model.safetensors`."""
-        state = {k: v.float() for k, v in self.state_dict().items()}
-        write_checkpoint(directory, {"format": NATIVE_FORMAT, "model": self.config.to_dict()}, state)
+        """Our own export: `config.json` (format flava_ds, the FlavaConfig) + fp32 `model.safetensors`.
+        The same files at any TP size: every rank calls it (collective under TP), global rank 0 writes."""
+        state = {k: v.float() for k, v in self.full_state_dict().items()}
+        if is_global_rank_zero():
+            write_checkpoint(directory, {"format": NATIVE_FORMAT, "model": self.config.to_dict()}, state)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **config_overrides) -> FlavaForPreTraining:
@@ -90,7 +120,7 @@ class FlavaForPreTraining(nn.Module):
         model = cls(FlavaConfig.from_dict(merge_overrides(raw["model"], config_overrides)))
         state = read_state_dict(directory)
         expect_keys(str(directory), set(state), set(model.state_dict()))
-        model.load_state_dict(state)
+        model.load_full_state_dict(state)
         return model
 
     @classmethod
@@ -101,7 +131,8 @@ class FlavaForPreTraining(nn.Module):
         return load_hf_pretraining(cls, directory, config_overrides)
 
     def save_hf_pretrained(self, directory: str | Path, codebook: nn.Module | None = None) -> None:
-        """Write a directory that `transformers.FlavaForPreTraining.from_pretrained` loads (codebook optional)."""
+        """Write a directory that `transformers.FlavaForPreTraining.from_pretrained` loads (codebook optional).
+        Every rank calls it (collective under TP), global rank 0 writes."""
         from flava_ds.model.interop import save_hf_pretraining
 
         save_hf_pretraining(self, directory, codebook)
@@ -235,14 +266,26 @@ class FlavaForPreTraining(nn.Module):
                 )
 
         if need_contrastive:
-            out.image_embedding = F.normalize(self.image_projection(image[1][:, 0]), dim=-1)
-            out.text_embedding = F.normalize(self.text_projection(text[1][:, 0]), dim=-1)
+            out.image_embedding = self._embed(self.image_projection, image[1])
+            out.text_embedding = self._embed(self.text_projection, text[1])
             loss, per_image, per_text = self.contrastive(
                 out.image_embedding, out.text_embedding, self.logit_scale, row_mask
             )
             out.losses["global_contrastive"] = loss * cfg.global_contrastive_weight
             out.logits["contrastive_per_image"], out.logits["contrastive_per_text"] = per_image, per_text
         return self._finish(out)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, C, S, S) -> L2-normalised contrastive embeddings (B, projection_dim), for retrieval/zero-shot."""
+        return self._embed(self.image_projection, self.image_encoder(pixel_values)[1])
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) -> L2-normalised contrastive embeddings (B, projection_dim)."""
+        return self._embed(self.text_projection, self.text_encoder(input_ids, _padding_mask(attention_mask))[1])
+
+    @staticmethod
+    def _embed(projection: nn.Module, normed: torch.Tensor) -> torch.Tensor:
+        return F.normalize(projection(normed[:, 0]), dim=-1)  # the post-LN CLS state
 
     @staticmethod
     def _masked_prediction(
@@ -255,12 +298,12 @@ class FlavaForPreTraining(nn.Module):
     ) -> None:
         """Run `head` only on positions with a target; states (B, N, H), labels (B, N)."""
         selected = labels.ne(IGNORE_INDEX)
-        logits = head(states[selected])  # (num_selected, vocab)
+        logits = head(states[selected])  # (num_selected, vocab), or this TP rank's classes for a vocab-parallel head
         out.logits[name] = logits
         if logits.shape[0] == 0:  # nothing masked: a zero that still touches the graph, never NaN
             out.losses[name] = logits.sum() * 0.0
         else:
-            out.losses[name] = F.cross_entropy(logits, labels[selected]) * weight
+            out.losses[name] = head.loss(logits, labels[selected]) * weight
 
     @staticmethod
     def _finish(out: FlavaOutput) -> FlavaOutput:

@@ -6,18 +6,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flava_ds.parallel.layers import cross_entropy, vocab_parallel_linear
+
 
 class MaskedPredictionHead(nn.Module):
-    """dense -> GELU -> LayerNorm -> decoder over `vocab_size` classes (BERT LM head layout)."""
+    """dense -> GELU -> LayerNorm -> decoder over `vocab_size` classes (BERT LM head layout).
 
-    def __init__(self, hidden: int, vocab_size: int, eps: float):
+    With `vocab_parallel` the decoder's classes are split over tensor-parallel ranks (text vocabularies);
+    the logits are then this rank's classes and `loss` combines them across ranks.
+    """
+
+    def __init__(self, hidden: int, vocab_size: int, eps: float, vocab_parallel: bool = False):
         super().__init__()
+        self.vocab_parallel = vocab_parallel
         self.dense = nn.Linear(hidden, hidden)
         self.norm = nn.LayerNorm(hidden, eps=eps)
-        self.decoder = nn.Linear(hidden, vocab_size)
+        self.decoder = vocab_parallel_linear(hidden, vocab_size) if vocab_parallel else nn.Linear(hidden, vocab_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.norm(F.gelu(self.dense(x))))
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits, labels, vocab_parallel=self.vocab_parallel)
 
 
 class ITMHead(nn.Module):

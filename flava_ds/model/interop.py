@@ -14,6 +14,8 @@ import torch
 
 from flava_ds.model.config import FlavaConfig, ImageConfig, MultimodalConfig, TextConfig, merge_overrides
 from flava_ds.model.hf_io import CheckpointError, expect_keys, read_config, read_state_dict, write_checkpoint
+from flava_ds.parallel.checkpoint import full_state_template
+from flava_ds.parallel.state import is_global_rank_zero
 
 if TYPE_CHECKING:
     from torch import nn
@@ -50,6 +52,7 @@ _LAYER_RULES: list[tuple[str, str]] = [
     (r"\.mlp_in\.", ".intermediate.dense."),
     (r"\.mlp_out\.", ".output.dense."),
 ]
+_HF_SHAPES = {"logit_scale": ()}  # transformers keeps the temperature as a 0-dim tensor; we keep shape (1,)
 _QKV = re.compile(r"\.attn\.qkv\.(weight|bias)$")
 
 
@@ -63,9 +66,7 @@ def hf_names(name: str) -> list[str]:
         match = _QKV.search(name)
         if match:
             stem = name[: match.start()]
-            return [
-                f"{stem}.attention.attention.{part}.{match.group(1)}" for part in ("query", "key", "value")
-            ]
+            return [f"{stem}.attention.attention.{part}.{match.group(1)}" for part in ("query", "key", "value")]
     return [name]
 
 
@@ -73,7 +74,11 @@ def to_hf_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
         targets = hf_names(name)
-        parts = tensor.chunk(len(targets), dim=0) if len(targets) > 1 else [tensor]
+        parts = (
+            tensor.chunk(len(targets), dim=0)
+            if len(targets) > 1
+            else [tensor.reshape(_HF_SHAPES.get(name, tensor.shape))]
+        )
         for target, part in zip(targets, parts):
             out[target] = part.clone()
     return out
@@ -84,9 +89,7 @@ def from_hf_state_dict(
 ) -> dict[str, torch.Tensor]:
     """hf tensors -> our state dict shaped like `template`; names the key on any mismatch."""
     wanted = {target for name in template for target in hf_names(name)}
-    present = {
-        k for k in hf_state if not k.startswith("image_codebook.") and not re.fullmatch(_HEADS + r"\.bias", k)
-    }
+    present = {k for k in hf_state if not k.startswith("image_codebook.") and not re.fullmatch(_HEADS + r"\.bias", k)}
     expect_keys(where, present, wanted)
     state = {}
     for name, like in template.items():
@@ -95,6 +98,8 @@ def from_hf_state_dict(
             if _QKV.search(name)
             else hf_state[hf_names(name)[0]]
         )
+        if name in _HF_SHAPES and tensor.numel() == like.numel():
+            tensor = tensor.reshape(like.shape)
         if tensor.shape != like.shape:
             raise CheckpointError(
                 f"{where}: key {hf_names(name)[0]!r} has shape {tuple(tensor.shape)} but config.json implies "
@@ -146,9 +151,7 @@ _FIXED = {"hidden_act": "gelu", "hidden_dropout_prob": 0.0, "attention_probs_dro
 def _sub_from_hf(raw: dict, keys: dict[str, str], where: str) -> dict:
     for key, value in _FIXED.items():
         if key in raw and raw[key] != value:
-            raise CheckpointError(
-                f"{where}.{key}={raw[key]!r} is not supported (this implementation uses {value!r})"
-            )
+            raise CheckpointError(f"{where}.{key}={raw[key]!r} is not supported (this implementation uses {value!r})")
     return {ours: raw[theirs] for theirs, ours in keys.items() if theirs in raw}
 
 
@@ -164,9 +167,7 @@ def config_from_hf(raw: dict, path: str) -> dict:
         raise CheckpointError(f"{path}: multimodal_config.use_cls_token must be true")
     mm_hidden = raw["multimodal_config"].get("hidden_size", 768)
     if raw.get("hidden_size", 768) != mm_hidden:
-        raise CheckpointError(
-            f"{path}: hidden_size={raw.get('hidden_size')} must equal multimodal_config.hidden_size"
-        )
+        raise CheckpointError(f"{path}: hidden_size={raw.get('hidden_size')} must equal multimodal_config.hidden_size")
     return {
         "image": _sub_from_hf(raw["image_config"], _IMAGE_KEYS, f"{path}: image_config"),
         "text": _sub_from_hf(raw["text_config"], _TEXT_KEYS, f"{path}: text_config"),
@@ -210,9 +211,7 @@ def config_to_hf(config: FlavaConfig, codebook_config: dict | None) -> dict:
 
 
 # ---- directories ----------------------------------------------------------------------------------------
-def load_hf_pretraining(
-    cls: type[FlavaForPreTraining], directory: str | Path, overrides: dict
-) -> FlavaForPreTraining:
+def load_hf_pretraining(cls: type[FlavaForPreTraining], directory: str | Path, overrides: dict) -> FlavaForPreTraining:
     raw = read_config(directory)
     config_path = str(Path(directory) / "config.json")
     values = merge_overrides(config_from_hf(raw, config_path), overrides)
@@ -221,16 +220,15 @@ def load_hf_pretraining(
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{config_path}: {err}") from err
     model = cls(config)
-    state = from_hf_state_dict(read_state_dict(directory), model.state_dict(), str(directory))
-    model.load_state_dict(state)
+    state = from_hf_state_dict(read_state_dict(directory), full_state_template(model), str(directory))
+    model.load_full_state_dict(state)
     return model
 
 
-def save_hf_pretraining(
-    model: FlavaForPreTraining, directory: str | Path, codebook: nn.Module | None
-) -> None:
+def save_hf_pretraining(model: FlavaForPreTraining, directory: str | Path, codebook: nn.Module | None) -> None:
     codebook_config = codebook.to_hf_config() if codebook is not None else None
-    state = to_hf_state_dict(model.state_dict())
+    state = to_hf_state_dict(model.full_state_dict())
     if codebook is not None:
         state.update({f"image_codebook.{k}": v for k, v in codebook.state_dict().items()})
-    write_checkpoint(directory, config_to_hf(model.config, codebook_config), state)
+    if is_global_rank_zero():
+        write_checkpoint(directory, config_to_hf(model.config, codebook_config), state)

@@ -9,14 +9,17 @@ from torch.utils.checkpoint import checkpoint
 
 from flava_ds.model.attention import attention
 from flava_ds.model.config import EncoderConfig
+from flava_ds.parallel.layers import column_parallel_linear, per_rank, row_parallel_linear
 
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: EncoderConfig, attn_impl: str):
         super().__init__()
-        self.num_heads, self.head_dim, self.attn_impl = cfg.num_heads, cfg.head_dim, attn_impl
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)  # rows: [q; k; v]
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.num_heads = per_rank(cfg.num_heads)  # this tensor-parallel rank's heads
+        self.head_dim, self.attn_impl = cfg.head_dim, attn_impl
+        # rows [q; k; v]; under tensor parallelism each rank holds [q_r; k_r; v_r] for its heads (stride 3)
+        self.qkv = column_parallel_linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias, stride=3)
+        self.proj = row_parallel_linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         B, N, _ = x.shape
@@ -33,8 +36,8 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.attn = SelfAttention(cfg, attn_impl)
         self.norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.mlp_in = nn.Linear(cfg.hidden_size, cfg.mlp_size)
-        self.mlp_out = nn.Linear(cfg.mlp_size, cfg.hidden_size)
+        self.mlp_in = column_parallel_linear(cfg.hidden_size, cfg.mlp_size)
+        self.mlp_out = row_parallel_linear(cfg.mlp_size, cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         x = self.attn(self.norm1(x), key_padding_mask) + x

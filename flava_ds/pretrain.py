@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Pretrain FLAVA with DeepSpeed.
+
+  deepspeed [--num_gpus N | --hostfile H] flava_ds/pretrain.py --deepspeed_config ds_configs/zero2.json \\
+      --config configs/flava_full.yaml [--save DIR] [--load DIR] [--tensorboard-dir DIR] [--train-steps N] \\
+      [--section.key value ...]
+
+The same under `torchrun --nproc_per_node N flava_ds/pretrain.py ...` (and SLURM via srun + torchrun).
+Any run-config key can be overridden as `--section.key value` (YAML syntax for the value), e.g.
+`--train.log_interval 5 --data.task_ratios '{image_text: 1, text: 0.5}' --deepspeed.bf16.enabled false`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the package importable without installing
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON config (ds_configs/*.json)")
+    parser.add_argument("--config", help="run YAML (configs/*.yaml)")
+    parser.add_argument("--save", help="checkpoint directory (checkpoint.save)")
+    parser.add_argument("--load", help="resume from this checkpoint directory's latest (checkpoint.load)")
+    parser.add_argument("--tensorboard-dir", help="TensorBoard log directory (logging.tensorboard_dir)")
+    parser.add_argument("--train-steps", type=int, help="optimizer steps (train.steps)")
+    parser.add_argument("--tensor-model-parallel-size", type=int, help="TP size (train.tensor_parallel_size)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args(argv)
+    overrides: list[tuple[str, str]] = []
+    i = 0
+    while i < len(rest):
+        flag = rest[i]
+        if not flag.startswith("--") or "." not in flag:
+            parser.error(f"unrecognised argument {flag!r}; run-config overrides look like --section.key value")
+        key, eq, value = flag[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                parser.error(f"{flag} needs a value")
+            value, i = rest[i + 1], i + 1
+        overrides.append((key, value))
+        i += 1
+    for flag, key in (
+        ("save", "checkpoint.save"),
+        ("load", "checkpoint.load"),
+        ("tensorboard_dir", "logging.tensorboard_dir"),
+        ("train_steps", "train.steps"),
+        ("tensor_model_parallel_size", "train.tensor_parallel_size"),
+    ):
+        if getattr(args, flag) is not None:
+            overrides.append((key, str(getattr(args, flag))))
+    return args, overrides
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s [rank %(rank)s] %(message)s")
+    rank = os.environ.get("RANK", "0")
+    old_factory = logging.getLogRecordFactory()
+
+    def record_factory(*a, **kw):
+        record = old_factory(*a, **kw)
+        record.rank = rank
+        return record
+
+    logging.setLogRecordFactory(record_factory)
+
+    from flava_ds.train.config import RunConfig, load_deepspeed_config, validate
+
+    config = RunConfig.load(args.config, overrides)
+    ds_config = load_deepspeed_config(args.deepspeed_config, config.deepspeed)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    micro, accum, total = validate(config, ds_config, world_size)  # before anything heavy is built
+    ds_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, train_batch_size=total)
+
+    import deepspeed
+
+    deepspeed.init_distributed()
+    from flava_ds.train.trainer import COMPLETE_MARKER, Trainer
+
+    trainer = Trainer(config, ds_config, micro, accum)
+    trainer.train()
+    print(f"{COMPLETE_MARKER} at step {trainer.step} (rank {rank})", flush=True)
+
+
+if __name__ == "__main__":
+    main()

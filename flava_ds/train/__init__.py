@@ -1,0 +1,1 @@
+"""Training engine: run config, data streams, DeepSpeed loop, checkpoints, evaluation."""

@@ -1,0 +1,91 @@
+"""Checkpoints through the DeepSpeed engine, with a `latest` pointer published atomically last.
+
+A run killed mid-save leaves a partial `global_stepN/` directory that `latest` never names, so a
+resume always starts from the last complete checkpoint. The trainer's own state (step, data
+position, RNG) rides in DeepSpeed's client state.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+LATEST = "latest"
+_TAG = re.compile(r"^global_step(\d+)$")
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def publish_latest(save_dir: Path, tag: str) -> None:
+    tmp = save_dir / f".{LATEST}.tmp"
+    tmp.write_text(tag)
+    with open(tmp) as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, save_dir / LATEST)
+
+
+def read_latest(directory: str | Path) -> str | None:
+    path = Path(directory) / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def prune(save_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (never the one `latest` names)."""
+    latest = read_latest(save_dir)
+    tags = sorted((int(m.group(1)), p) for p in save_dir.iterdir() if (m := _TAG.match(p.name)) and p.is_dir())
+    latest_step = int(_TAG.match(latest).group(1)) if latest and _TAG.match(latest) else None
+    complete = [(s, p) for s, p in tags if latest_step is None or s <= latest_step]
+    for _, path in complete[:-keep_last]:
+        if path.name != latest:
+            shutil.rmtree(path, ignore_errors=True)
+    for step, path in tags:  # partial saves newer than `latest` are leftovers of a killed run
+        if latest_step is not None and step > latest_step:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(engine, save_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
+    save_dir = Path(save_dir)
+    tag = tag_for(step)
+    engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        publish_latest(save_dir, tag)
+        prune(save_dir, keep_last)
+    dist.barrier()
+    return save_dir / tag
+
+
+def load(engine, load_dir: str | Path) -> dict[str, Any] | None:
+    """Resume from `latest` in `load_dir`; None when there is nothing to resume from."""
+    tag = read_latest(load_dir)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"{load_dir}/{tag}: DeepSpeed could not load this checkpoint")
+    return client_state

@@ -1,0 +1,121 @@
+"""The training data of a run: one resumable stream per batch kind and the task mixer that picks between them.
+
+Micro-step m of the run trains the task `mixer.task_for_step(m)` on every rank; that stream's
+sampler hands this rank its share of the stream's next global batch (micro x data-parallel size)
+and moves on only when the trainer calls `advance(task)`. The whole position is
+`state_dict()`, saved in every checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from flava_ds.data.image_text import ImageAugment, ImageDataset, ImageTextDataset, collate_image
+from flava_ds.data.sampler import BlendedDataset, DataPosition, ResumableDistributedSampler, TaskMixer
+from flava_ds.data.text_dataset import TextCollator, TextDataset
+from flava_ds.data.tokenizer import Tokenizer
+from flava_ds.train.config import DataSection, StreamConfig
+
+
+@dataclass
+class Stream:
+    dataset: Any
+    collate: Any
+    sampler: ResumableDistributedSampler
+    num_workers: int
+    _iterator: Iterator[dict[str, torch.Tensor]] | None = None
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self._iterator is None:  # (re)start prefetching from the sampler's current position
+            loader = DataLoader(
+                self.dataset,
+                batch_sampler=self.sampler,
+                collate_fn=self.collate,
+                num_workers=self.num_workers,
+                prefetch_factor=4 if self.num_workers else None,
+            )
+            self._iterator = iter(loader)
+        return next(self._iterator)
+
+    def reset(self) -> None:
+        self._iterator = None
+
+
+class TrainStreams:
+    def __init__(
+        self,
+        data: DataSection,
+        tokenizer: Tokenizer | None,
+        crop_size: int,
+        micro_batch: int,
+        dp_rank: int,
+        dp_size: int,
+    ):
+        self.mixer = TaskMixer({k: v for k, v in data.task_ratios.items() if v > 0}, seed=data.seed)
+        self.streams: dict[str, Stream] = {}
+        for task in self.mixer.tasks:
+            datasets = [self._dataset(task, path, data, tokenizer, crop_size) for path in getattr(data, task).paths]
+            collate = self._collator(task, datasets[0], data, tokenizer)
+            dataset, source = self._blend(datasets, getattr(data, task), data.seed)
+            sampler = ResumableDistributedSampler(source, micro_batch, dp_rank=dp_rank, dp_size=dp_size, seed=data.seed)
+            self.streams[task] = Stream(dataset, collate, sampler, data.num_workers)
+        self.position = DataPosition(self.mixer, {t: s.sampler for t, s in self.streams.items()})
+        self.wait_seconds = 0.0  # time the trainer spent blocked on data
+
+    @staticmethod
+    def _dataset(task: str, path: str, data: DataSection, tokenizer: Tokenizer | None, crop: int):
+        augment = ImageAugment(crop_size=crop)
+        if task == "image_text":
+            return ImageTextDataset(
+                path,
+                tokenizer,
+                augment,
+                seed=data.seed,
+                itm_negative_prob=data.itm_negative_prob,
+                mlm_prob=data.mlm_prob,
+            )
+        if task == "image":
+            return ImageDataset(path, augment, seed=data.seed)
+        return TextDataset(path, tokenizer, max_length=data.text_max_length)
+
+    @staticmethod
+    def _collator(task: str, dataset, data: DataSection, tokenizer: Tokenizer | None):
+        if task == "image_text":
+            return dataset.collator()
+        if task == "image":
+            return collate_image
+        return TextCollator(tokenizer, data.seed, data.mlm_prob)
+
+    @staticmethod
+    def _blend(datasets: list, stream: StreamConfig, seed: int):
+        if len(datasets) == 1:
+            return datasets[0], len(datasets[0])
+        blended = BlendedDataset(datasets)
+        weights = stream.weights or [1.0] * len(datasets)
+        return blended, blended.blend(weights, seed)
+
+    def task(self, micro_step: int) -> str:
+        return self.mixer.task_for_step(micro_step)
+
+    def next_batch(self, task: str) -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        batch = self.streams[task].next_batch()
+        self.wait_seconds += time.perf_counter() - start
+        return batch
+
+    def advance(self, task: str) -> None:
+        self.streams[task].sampler.advance()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.position.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position.load_state_dict(state)
+        for stream in self.streams.values():
+            stream.reset()

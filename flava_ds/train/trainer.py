@@ -1,0 +1,352 @@
+"""The training loop: DeepSpeed engine, mixed batch kinds, exact resume, non-finite guard, TensorBoard.
+
+One optimizer step = `gradient_accumulation_steps` micro-steps; micro-step m (counted over the whole
+run) trains task `streams.task(m)` on every rank. Per-step losses are averaged over the data-parallel
+group and written to the metrics file; every log interval TensorBoard gets each loss term per batch
+kind, lr, grad norm, logit scale, loss scale, throughput, TFLOP/s, MFU, data wait and memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import signal
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from flava_ds.data.tokenizer import Tokenizer
+from flava_ds.model import LOSS_NAMES, FlavaConfig, FlavaForPreTraining
+from flava_ds.parallel.state import data_parallel_group
+from flava_ds.train import checkpoint
+from flava_ds.train.config import RunConfig
+from flava_ds.train.flops import batch_flops, batch_tokens, peak_tflops
+from flava_ds.train.init import initialize_from_checkpoints
+from flava_ds.train.streams import TrainStreams
+
+log = logging.getLogger("flava_ds.train")
+COMPLETE_MARKER = "flava_ds: training complete"
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: list[str]) -> list[dict[str, Any]]:
+    decay, plain = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (plain if any(fragment in name for fragment in no_decay) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 (SLURM preemption) ask for a checkpoint and a clean exit within a deadline."""
+
+    def __init__(self, deadline_s: float):
+        self.requested = False
+        self.deadline_s = deadline_s
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if not self.requested:
+            self.requested = True
+            log.warning("received signal %d: checkpointing and stopping within %.0f s", signum, self.deadline_s)
+            watchdog = threading.Timer(self.deadline_s, self._overdue)
+            watchdog.daemon = True
+            watchdog.start()
+
+    def _overdue(self) -> None:
+        log.error("stop deadline of %.0f s passed before the checkpoint finished; exiting", self.deadline_s)
+        import os
+
+        os._exit(1)
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, ds_config: dict[str, Any], micro: int, accum: int, mpu=None):
+        self.config = config
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        tp = config.train.tensor_parallel_size
+        self.dp_size, self.dp_rank = self.world // tp, self.rank // tp
+        self.micro, self.accum = micro, accum
+        accelerator = deepspeed.get_accelerator()
+        on_cpu = accelerator.device_name() == "cpu"
+        self.device = (
+            torch.device("cpu") if on_cpu else torch.device(accelerator.device_name(), accelerator.current_device())
+        )
+
+        self.model_config = FlavaConfig.preset(config.model.preset, **config.model.overrides)
+        tokenizer = Tokenizer.from_file(config.data.tokenizer) if config.data.tokenizer else None
+        self.tokenizer = tokenizer
+        if tokenizer is not None and tokenizer.vocab_size > self.model_config.text.vocab_size:
+            raise ValueError(
+                f"data.tokenizer has {tokenizer.vocab_size} tokens but model text.vocab_size is "
+                f"{self.model_config.text.vocab_size}; set model.overrides.text.vocab_size"
+            )
+        self.streams = TrainStreams(
+            config.data, tokenizer, self.model_config.image.image_size, micro, self.dp_rank, self.dp_size
+        )  # opens and checks every shard before the model
+
+        torch.manual_seed(config.train.seed)
+        model = FlavaForPreTraining(self.model_config)
+        initialize_from_checkpoints(model, config.model.init)
+        opt = config.optimizer
+        optimizer = torch.optim.AdamW(
+            param_groups(model, opt.weight_decay, opt.no_decay), lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps
+        )
+        schedule = config.schedule
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(schedule.warmup_steps, config.train.steps, schedule.min_lr_ratio)
+        )
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
+        )
+        self.zero_stage = self.engine.zero_optimization_stage()
+        self.fp16 = self.engine.fp16_enabled()
+        # DeepSpeed skips a non-finite update itself with ZeRO-1/2 (any precision) and fp16 (any stage)
+        self.can_skip_nonfinite = self.zero_stage in (1, 2) or self.fp16
+
+        self.step = 0
+        self.nonfinite_in_row = 0
+        self.skipped_steps = 0
+        if config.checkpoint.load:
+            self._resume(config.checkpoint.load)
+
+        self.tb = None
+        if self.rank == 0 and config.logging.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(config.logging.tensorboard_dir)
+        self.metrics_path = Path(config.logging.metrics_file) if config.logging.metrics_file else None
+        self.peak = peak_tflops(config.logging.peak_tflops)
+        self.stop = StopSignal(config.train.stop_deadline_s)
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def client_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "data": self.streams.state_dict(),
+            "rng": checkpoint.rng_state(),
+            "skipped_steps": self.skipped_steps,
+            "run_config": self.config.to_dict(),
+            "flava_config": self.model_config.to_dict(),
+            "universal_checkpoint_info": {"universal_checkpoint_version": 0.2},
+        }
+
+    def save(self) -> None:
+        path = checkpoint.save(
+            self.engine, self.config.checkpoint.save, self.step, self.client_state(), self.config.checkpoint.keep_last
+        )
+        log.info("saved checkpoint %s", path)
+
+    def _resume(self, load_dir: str) -> None:
+        state = checkpoint.load(self.engine, load_dir)
+        if state is None:
+            log.info("nothing to resume in %s: starting from step 0", load_dir)
+            return
+        self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.streams.load_state_dict(state["data"])
+        checkpoint.set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d", load_dir, self.step)
+
+    # ---- the loop ---------------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg = self.config.train
+        window = _Window()
+        while self.step < cfg.steps:
+            step_loss = self._train_step(window)
+            self.step += 1
+            flags = torch.tensor([float(self.stop.requested)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            self._write_metrics({"step": self.step, "loss": step_loss})
+            if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
+                self._log(window)
+                window = _Window()
+            if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.steps:
+                self.evaluate()
+            if self.config.checkpoint.save and (
+                (cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == cfg.steps or flags.item()
+            ):
+                self.save()
+            if flags.item():
+                log.warning("stopped by signal at step %d after saving", self.step)
+                return
+        self.evaluate()
+        if self.tb is not None:
+            self.tb.close()
+
+    def _train_step(self, window: _Window) -> float:
+        step_start, wait_start = time.perf_counter(), self.streams.wait_seconds
+        losses, nonfinite = [], False
+        for micro in range(self.accum):
+            micro_step = self.step * self.accum + micro
+            task = self.streams.task(micro_step)
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.streams.next_batch(task).items()}
+            out = self.engine(**batch)
+            finite = torch.tensor([float(torch.isfinite(out.loss).item())])
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
+            if finite.item() == 0:
+                nonfinite = True
+                if not self.can_skip_nonfinite:
+                    raise NonFiniteError(
+                        f"non-finite loss at step {self.step + 1} ({task} batch) with ZeRO stage {self.zero_stage} "
+                        "in fp32/bf16, where DeepSpeed cannot skip the update; stopping with the last checkpoint "
+                        "intact. Use ZeRO-1/2 or fp16 to skip such steps instead."
+                    )
+            self.engine.backward(out.loss)
+            self.engine.step()
+            self.streams.advance(task)
+            losses.append(out.loss.detach().float())
+            window.add(task, out, batch, self.model_config)
+        if not self.engine.was_step_applied() and (nonfinite or not self.fp16):
+            self.skipped_steps += 1
+            self.nonfinite_in_row += 1
+            log.warning(
+                "step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                self.step + 1,
+                self.nonfinite_in_row,
+            )
+            if self.nonfinite_in_row >= self.config.train.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{self.nonfinite_in_row} consecutive steps with a non-finite loss or gradient (last: step "
+                    f"{self.step + 1}); stopping with the last good checkpoint intact. Lower the lr or check the data."
+                )
+        else:
+            self.nonfinite_in_row = 0
+        window.seconds += time.perf_counter() - step_start
+        window.wait += self.streams.wait_seconds - wait_start
+        window.steps += 1
+        loss = torch.stack(losses).mean().reshape(1)
+        dist.all_reduce(loss, group=data_parallel_group())
+        return loss.item() / self.dp_size
+
+    # ---- logging ----------------------------------------------------------------------------------
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        if self.rank == 0 and self.metrics_path is not None:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _scalar_logit_scale(self) -> float:
+        param = self.engine.module.logit_scale
+        if self.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters([param]):
+                return float(param.detach())
+        return float(param.detach())
+
+    def _log(self, window: _Window) -> None:
+        terms = window.reduced_terms(data_parallel_group(), self.dp_size)
+        scalars: dict[str, float] = dict(terms)
+        samples = window.micro_steps * self.micro * self.dp_size
+        tp = self.config.train.tensor_parallel_size
+        tflops = window.flops / max(window.seconds, 1e-9) / 1e12 / tp  # per device
+        scalars.update(
+            {
+                "lr": self.engine.get_lr()[0],
+                "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
+                "logit_scale": self._scalar_logit_scale(),
+                "throughput/samples_per_s": samples / max(window.seconds, 1e-9),
+                "throughput/tokens_per_s": window.tokens * self.dp_size / max(window.seconds, 1e-9),
+                "throughput/tflops_per_device": tflops,
+                "throughput/data_wait_fraction": window.wait / max(window.seconds, 1e-9),
+                "memory/peak_mib": _peak_memory_mib(),
+                "skipped_steps": float(self.skipped_steps),
+            }
+        )
+        if self.peak:
+            scalars["throughput/mfu"] = tflops / self.peak
+        if self.fp16:
+            scalars["loss_scale"] = float(self.engine.optimizer.cur_scale)
+        if self.rank == 0:
+            if self.tb is not None:
+                for name, value in scalars.items():
+                    self.tb.add_scalar(name, value, self.step)
+                self.tb.flush()
+            self._write_metrics({"step": self.step, "log": scalars})
+            loss_terms = " ".join(f"{k.removeprefix('loss/')}={v:.3f}" for k, v in sorted(terms.items()))
+            log.info(
+                "step %d/%d | %s | lr %.2e | gnorm %.2f | %.1f samples/s | %.3f TFLOP/s | data %.1f%% | %.0f MiB",
+                self.step,
+                self.config.train.steps,
+                loss_terms,
+                scalars["lr"],
+                scalars["grad_norm"],
+                scalars["throughput/samples_per_s"],
+                tflops,
+                100 * scalars["throughput/data_wait_fraction"],
+                scalars["memory/peak_mib"],
+            )
+
+    def evaluate(self) -> None:
+        if not (self.config.eval.image_text or self.config.eval.classification or self.config.eval.text):
+            return
+        from flava_ds.train.evaluate import evaluate
+
+        metrics = evaluate(self.engine.module, self.config, self.tokenizer, self.device)
+        if self.rank == 0:
+            if self.tb is not None:
+                for name, value in metrics.items():
+                    self.tb.add_scalar(f"eval/{name}", value, self.step)
+                self.tb.flush()
+            self._write_metrics({"step": self.step, "eval": metrics})
+            log.info("eval step %d | %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
+
+
+class _Window:
+    """Sums over one log interval: loss terms per batch kind, FLOPs, tokens, time."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.flops = 0.0
+        self.tokens = 0
+        self.seconds = self.wait = 0.0
+        self.steps = self.micro_steps = 0
+
+    def add(self, task: str, out, batch: dict[str, torch.Tensor], model_config: FlavaConfig) -> None:
+        self.micro_steps += 1
+        self.flops += batch_flops(model_config, task, batch)
+        self.tokens += batch_tokens(batch)
+        for name in (*LOSS_NAMES, "total"):
+            value = out.loss if name == "total" else out.losses.get(name)
+            if value is not None:
+                self.sums[f"loss/{task}/{name}"] += float(value.detach())
+                self.counts[f"loss/{task}/{name}"] += 1
+        self.sums["loss/total"] += float(out.loss.detach())
+        self.counts["loss/total"] += 1
+
+    def reduced_terms(self, group, dp_size: int) -> dict[str, float]:
+        """Means over the window, averaged over data-parallel ranks (all ranks saw the same tasks)."""
+        names = sorted(self.sums)
+        if not names:
+            return {}
+        sums = torch.tensor([self.sums[n] for n in names], dtype=torch.float64)
+        dist.all_reduce(sums, group=group)
+        return {n: float(s) / dp_size / self.counts[n] for n, s in zip(names, sums.tolist())}
+
+
+def _peak_memory_mib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

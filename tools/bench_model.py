@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Forward+backward time and peak memory: flava_ds FlavaForPreTraining vs transformers, same weights and batch.
+
+  python tools/bench_model.py                      # CPU fp32, `full` shapes, image-text batch of 4
+  python tools/bench_model.py --preset small --batch 8 --kind image --repeats 5
+
+Both models run in this process, alternating, on identical weights (ours exported to a transformers
+directory and loaded back) and identical inputs; the figure is the median over --repeats runs after a
+warm-up. Peak memory on CPU is the resident-set growth of one step, each model in a fresh process; on CUDA it is
+torch.cuda.max_memory_allocated. transformers' FLAVA runs its own eager attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from flava_ds.model import FlavaConfig, FlavaForPreTraining
+from flava_ds.model.flava import FlavaOutput
+from flava_ds.model.interop import config_to_hf
+
+
+def make_batch(cfg: FlavaConfig, kind: str, batch: int, seq_len: int, device: str) -> dict[str, torch.Tensor]:
+    """A realistic pretraining batch: 15% MLM, ~75/196 masked patches, 10% ITM negatives."""
+    g = torch.Generator().manual_seed(0)
+    P = cfg.image.num_patches
+    ids = torch.randint(1000, cfg.text.vocab_size, (batch, seq_len), generator=g)
+    ids[:, 0], ids[:, -1] = 101, 102
+    masked = torch.rand(batch, seq_len, generator=g) < 0.15
+    masked[:, 1] = True
+    image = {
+        "pixel_values": torch.randn(batch, 3, cfg.image.image_size, cfg.image.image_size, generator=g),
+        "bool_masked_pos": torch.rand(batch, P, generator=g) < 75 / 196,
+        "mim_labels": torch.randint(0, cfg.image.codebook_vocab_size, (batch, P), generator=g),
+    }
+    text = {
+        "input_ids": ids,
+        "input_ids_masked": ids.masked_fill(masked, 103),
+        "attention_mask": torch.ones(batch, seq_len, dtype=torch.long),
+        "mlm_labels": ids.masked_fill(~masked, -100),
+    }
+    itm = (torch.rand(batch, generator=g) > 0.1).long()
+    chosen = {"image_text": {**image, **text, "itm_labels": itm}, "image": image, "text": text}[kind]
+    return {k: v.to(device) for k, v in chosen.items()}
+
+
+def step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    loss = out.loss if isinstance(out, FlavaOutput) else out.loss
+    loss.backward()
+    return loss.item()
+
+
+def timed(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step(model, batch)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def peak_step_memory_mib(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: str) -> float:
+    """Memory one training step adds on top of the weights (CPU: peak RSS growth of this process)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(model, batch)
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
+    before = _proc_status_kib("VmRSS")
+    step(model, batch)
+    return (_proc_status_kib("VmHWM") - before) / 1024
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_in_fresh_process(which: str, argv: list[str]) -> float:
+    """CPU peak RSS is per process and never goes down, so each model is measured in its own process."""
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory-of", which],
+                         check=True, capture_output=True, text=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="full")
+    parser.add_argument("--kind", default="image_text", choices=["image_text", "image", "text"])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--attn-impl", default="sdpa")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--memory-of", choices=["flava_ds", "transformers"], help=argparse.SUPPRESS)
+    argv = sys.argv[1:]
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    cfg = FlavaConfig.preset(args.preset, attn_impl=args.attn_impl)
+    batch = make_batch(cfg, args.kind, args.batch, args.seq_len, args.device)
+    clone = lambda: {k: v.clone() for k, v in batch.items()}  # transformers edits mim_labels in place
+    if args.memory_of:  # only one model in this process, built directly: loading would raise the RSS peak
+        if args.memory_of == "flava_ds":
+            model = FlavaForPreTraining(cfg)
+        else:
+            model = transformers.FlavaForPreTraining(transformers.FlavaConfig(**config_to_hf(cfg, None)))
+        print(peak_step_memory_mib(model.to(args.device).train(), clone(), args.device))
+        return
+
+    ours = FlavaForPreTraining(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_hf_pretrained(tmp)
+        theirs = transformers.FlavaForPreTraining.from_pretrained(tmp)
+    ours.to(args.device).train()
+    theirs.to(args.device).train()
+
+    loss_ours, loss_theirs = step(ours, batch), step(theirs, clone())  # warm-up, and a parity check
+    times: dict[str, list[float]] = {"flava_ds": [], "transformers": []}
+    for _ in range(args.repeats):
+        times["flava_ds"].append(timed(ours, batch, args.device))
+        times["transformers"].append(timed(theirs, clone(), args.device))
+    if args.device == "cuda":
+        mem = {"flava_ds": peak_step_memory_mib(ours, batch, args.device),
+               "transformers": peak_step_memory_mib(theirs, clone(), args.device)}
+    else:
+        mem = {name: memory_in_fresh_process(name, argv) for name in times}
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"preset={args.preset} kind={args.kind} batch={args.batch} seq_len={args.seq_len} device={args.device} "
+          f"fp32 attn_impl={args.attn_impl} threads={torch.get_num_threads()} repeats={args.repeats}")
+    print(f"loss  flava_ds={loss_ours:.6f}  transformers={loss_theirs:.6f}")
+    print(f"{'model':<14}{'fwd+bwd median s':>18}{'all runs':>30}{'peak MiB':>12}")
+    for name in times:
+        runs = " ".join(f"{t:.2f}" for t in times[name])
+        print(f"{name:<14}{med[name]:>18.3f}{runs:>30}{mem[name]:>12.0f}")
+    print(f"ratio flava_ds/transformers: time {med['flava_ds'] / med['transformers']:.3f}x, "
+          f"peak memory {mem['flava_ds'] / mem['transformers']:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
