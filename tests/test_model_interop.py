@@ -23,6 +23,7 @@ def _random_model(seed: int = 0) -> FlavaForPreTraining:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.1)
+        model.logit_scale.abs_()  # in [0, ln 100]: transformers clamps it only in training, we always do
     return model
 
 
