@@ -126,8 +126,9 @@ def test_tp2_weights_after_steps_match_tp1(runs, reference, kind):
     for name, expected in reference["final"][kind].items():
         got = tp2[name]
         if name.endswith("attn.qkv.bias"):  # the key bias has an exactly-zero gradient that Adam turns into noise
-            got, expected = torch.cat([got.chunk(3)[i] for i in (0, 2)]), torch.cat(
-                [expected.chunk(3)[i] for i in (0, 2)]
+            got, expected = (
+                torch.cat([got.chunk(3)[i] for i in (0, 2)]),
+                torch.cat([expected.chunk(3)[i] for i in (0, 2)]),
             )
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, msg=name)
 
@@ -169,16 +170,25 @@ def test_large_preset_builds_under_tp2(runs):
     assert 0.5 * total < result["large_local"] < 0.7 * total  # encoder projections and text decoders split
 
 
-def test_tp2_dp2_matches_tp1_dp2_on_one_global_batch(runs):
+@pytest.mark.parametrize("engine", ["plain", "deepspeed"])
+def test_tp2_dp2_matches_tp1_dp2_on_one_global_batch(runs, engine):
     tp1 = json.loads((runs / "dp_tp1.json").read_text())
     tp2 = json.loads((runs / "dp_tp2.json").read_text())
     assert tp1["tp_size"] == 1 and [r["dp"] for r in tp1["ranks"]] == [0, 1]
     assert tp2["tp_size"] == 2 and [(r["tp"], r["dp"]) for r in tp2["ranks"]] == [(0, 0), (1, 0), (0, 1), (1, 1)]
     for row in tp2["ranks"]:
-        expected = tp1["ranks"][row["dp"]]["losses"]
-        for a, b in zip(expected, row["losses"]):
+        expected = tp1["ranks"][row["dp"]][engine]
+        for a, b in zip(expected, row[engine]):
             assert a.keys() == b.keys() and "global_contrastive" in a
             for term in a:
-                assert abs(a[term] - b[term]) < 1e-5, (row, term, a[term], b[term])
-    first = [r["losses"][0]["global_contrastive"] for r in tp1["ranks"]]
+                assert abs(a[term] - b[term]) < 1e-5, (row["tp"], row["dp"], term, a[term], b[term])
+    first = [r[engine][0]["global_contrastive"] for r in tp1["ranks"]]
     assert first[0] != first[1]  # each DP rank scores its own rows against the gathered global batch
+
+
+def test_deepspeed_zero_partitions_over_the_data_parallel_group(runs):
+    """With the mpu, 4 processes at TP = 2 are 2 data-parallel replicas: ZeRO splits optimizer state 2 ways."""
+    tp2 = json.loads((runs / "dp_tp2.json").read_text())
+    assert all(r["deepspeed_layout"] == [2, 2, 2] for r in tp2["ranks"])  # dp world, mp world, ZeRO partitions
+    tp1 = json.loads((runs / "dp_tp1.json").read_text())
+    assert all(r["deepspeed_layout"] == [2, 1, 2] for r in tp1["ranks"])

@@ -5,6 +5,7 @@
 
 `parity` (2 processes): TP = 2 losses over optimizer steps for each batch kind, exports and imports, refused
 configurations; then TP = 1 x DP = 2 on the same processes. `dp`: TP = T x DP = world / T on one global batch.
+Data-parallel runs train with torch AdamW (`PlainEngine`) and with a DeepSpeed ZeRO-1 engine given the mpu.
 The functions below also run single-process (no torch.distributed) to give the TP = 1 reference.
 
 Training goes through an engine with DeepSpeed's call convention (`engine(**batch)`, `engine.backward(loss)`,
@@ -99,13 +100,34 @@ def text_logits() -> torch.Tensor:
     return gather_vocab_logits(out.logits["mlm"], model.config.text.vocab_size)
 
 
-def dp_run(global_batch: int = 4, steps: int = 3) -> list[dict[str, float]]:
-    """This data-parallel rank's slice of one global image-text batch, trained `steps` steps."""
+def deepspeed_engine(model: torch.nn.Module, micro_batch: int):
+    """DeepSpeed ZeRO-1 (fp32) over the data-parallel group, told about tensor parallelism through the mpu."""
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "zero_optimization": {"stage": 1},
+        "steps_per_print": 10**9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, mpu=state.DeepSpeedMPU())
+    return engine
+
+
+def dp_run(global_batch: int = 4, steps: int = 3) -> dict:
+    """This data-parallel rank's slice of one global image-text batch, trained `steps` steps with torch AdamW and
+    with DeepSpeed ZeRO-1; the DeepSpeed engine reports how it sees the parallel layout."""
     dp, rank = state.data_parallel_size(), state.data_parallel_rank()
     full = make_batches(tiny_config(), batch=global_batch, seq_len=9, seed=5)["image_text"]
     local = global_batch // dp
     batch = {k: v[rank * local : (rank + 1) * local] for k, v in full.items()}
-    return train(PlainEngine(build_model()), batch, steps)
+    plain = train(PlainEngine(build_model()), batch, steps)
+    ds = deepspeed_engine(build_model(), local)
+    return {
+        "plain": plain,
+        "deepspeed": train(ds, batch, steps),
+        "deepspeed_layout": [ds.dp_world_size, ds.mp_world_size, *ds.optimizer.partition_count],
+    }
 
 
 def _error(fn: Callable[[], object]) -> str:
@@ -149,10 +171,10 @@ def parity(out: Path, hf_in: Path) -> None:
     _write_json(out / "dp_tp1.json", _gather_dp(dp_run()))
 
 
-def _gather_dp(history: list[dict[str, float]]) -> dict:
-    """Every rank's history, keyed by global rank, with its TP and DP rank."""
+def _gather_dp(results: dict) -> dict:
+    """Every rank's results in global rank order, with its TP and DP rank."""
     rows = [None] * dist.get_world_size()
-    record = {"tp": state.tensor_parallel_rank(), "dp": state.data_parallel_rank(), "losses": history}
+    record = {"tp": state.tensor_parallel_rank(), "dp": state.data_parallel_rank(), **results}
     dist.all_gather_object(rows, record)
     return {"tp_size": state.tensor_parallel_size(), "ranks": rows}
 

@@ -41,8 +41,7 @@ def initialize_parallel(tensor_parallel_size: int) -> None:
         current = parallel_state.get_tensor_model_parallel_world_size()
         if current != tensor_parallel_size:
             raise RuntimeError(
-                f"parallel state already initialised with tensor_parallel_size={current}; "
-                "call destroy_parallel() first"
+                f"parallel state already initialised with tensor_parallel_size={current}; call destroy_parallel() first"
             )
         return
     # megatron's gloo side groups serve its distributed optimizer, which DeepSpeed replaces here
