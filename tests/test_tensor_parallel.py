@@ -120,6 +120,15 @@ def test_tp2_losses_match_tp1_over_optimizer_steps(runs, reference, kind):
     assert tp1[-1]["loss"] < tp1[0]["loss"]  # it trains
 
 
+def test_tp2_with_activation_checkpointing_matches_tp1(runs, reference):
+    """Recomputation repeats the TP all-reduces in backward; the losses stay those of TP = 1 without it."""
+    got = json.loads((runs / "parity.json").read_text())["checkpointed"]
+    for a, b in zip(reference["losses"]["image_text"], got, strict=False):
+        for term in a:
+            assert abs(a[term] - b[term]) < 1e-5, (term, a[term], b[term])
+    assert len(got) == 3
+
+
 @pytest.mark.parametrize("kind", tp_worker.KINDS)
 def test_tp2_weights_after_steps_match_tp1(runs, reference, kind):
     tp2 = torch.load(runs / "parity.pt")["final"][kind]

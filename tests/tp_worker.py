@@ -36,14 +36,14 @@ STEPS = 5
 KINDS = ("image_text", "image", "text")
 
 
-def tiny_config() -> FlavaConfig:
+def tiny_config(**overrides) -> FlavaConfig:
     """`tiny` with a text vocabulary that TP = 2 must pad (500 -> 512): rank 1 holds 12 padded classes."""
-    return FlavaConfig.preset("tiny", text={"vocab_size": 500})
+    return FlavaConfig.preset("tiny", text={"vocab_size": 500}, **overrides)
 
 
-def build_model(seed: int = SEED) -> FlavaForPreTraining:
+def build_model(seed: int = SEED, **overrides) -> FlavaForPreTraining:
     state.set_seed(seed)
-    return FlavaForPreTraining(tiny_config())
+    return FlavaForPreTraining(tiny_config(**overrides))
 
 
 class PlainEngine:
@@ -147,6 +147,8 @@ def parity(out: Path, hf_in: Path) -> None:
     refused = {"world": _error(lambda: state.initialize_parallel(3))}
     state.initialize_parallel(2)
     results = parity_run()
+    image_text = make_batches(tiny_config(), batch=4, seq_len=9, seed=3)["image_text"]
+    recomputed = train(PlainEngine(build_model(activation_checkpointing=True)), image_text, steps=2)
     hf_model = FlavaForPreTraining.from_hf_pretrained(hf_in)  # split on load
     hf_model.save_hf_pretrained(out / "hf_back")  # gathered on save
     hf_model.save_pretrained(out / "native")
@@ -164,7 +166,13 @@ def parity(out: Path, hf_in: Path) -> None:
         torch.save({"final": results["final"], "mlm_logits": logits}, out / "parity.pt")
     _write_json(
         out / "parity.json",
-        {"losses": results["losses"], "refused": refused, "large_shapes": large_shapes, "large_local": local_params},
+        {
+            "losses": results["losses"],
+            "checkpointed": recomputed,
+            "refused": refused,
+            "large_shapes": large_shapes,
+            "large_local": local_params,
+        },
     )
     state.destroy_parallel()
     state.initialize_parallel(1)  # the same two processes as TP = 1 x DP = 2

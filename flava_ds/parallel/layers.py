@@ -45,8 +45,8 @@ class TensorParallelLinear:
 
     @torch.no_grad()
     def init_normal_(self, std: float) -> None:
-        """N(0, std) weight, zero bias: the full tensor is drawn and sliced, consuming the RNG as `nn.Linear` at
-        T = 1 does, so the same seed gives the same model at any T."""
+        """N(0, std) weight, zero bias. The full weight is drawn and sliced: the same draws as for the `nn.Linear`
+        this layer is at T = 1, so a seed gives the same model at any T."""
         weight = self.weight
         full = torch.empty(full_shape(weight), dtype=weight.dtype, device=weight.device).normal_(0.0, std)
         weight.copy_(shard_like(full, weight))
