@@ -123,10 +123,15 @@ def dp_run(global_batch: int = 4, steps: int = 3) -> dict:
     batch = {k: v[rank * local : (rank + 1) * local] for k, v in full.items()}
     plain = train(PlainEngine(build_model()), batch, steps)
     ds = deepspeed_engine(build_model(), local)
+    ds_losses = train(ds, batch, steps)
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    master = {n: safe_get_full_fp32_param(p) for n, p in ds.module.named_parameters() if p.requires_grad}
     return {
         "plain": plain,
-        "deepspeed": train(ds, batch, steps),
+        "deepspeed": ds_losses,
         "deepspeed_layout": [ds.dp_world_size, ds.mp_world_size, *ds.optimizer.partition_count],
+        "deepspeed_final": ds.module.full_state_dict(master),
     }
 
 
@@ -176,15 +181,19 @@ def parity(out: Path, hf_in: Path) -> None:
     )
     state.destroy_parallel()
     state.initialize_parallel(1)  # the same two processes as TP = 1 x DP = 2
-    _write_json(out / "dp_tp1.json", _gather_dp(dp_run()))
+    _write_dp(out, dp_run())
 
 
-def _gather_dp(results: dict) -> dict:
-    """Every rank's results in global rank order, with its TP and DP rank."""
+def _write_dp(out: Path, results: dict) -> None:
+    """Every rank's losses in global rank order, with its TP and DP rank; rank 0's fp32 export of the final weights."""
+    final = results.pop("deepspeed_final")
     rows = [None] * dist.get_world_size()
     record = {"tp": state.tensor_parallel_rank(), "dp": state.data_parallel_rank(), **results}
     dist.all_gather_object(rows, record)
-    return {"tp_size": state.tensor_parallel_size(), "ranks": rows}
+    tp = state.tensor_parallel_size()
+    _write_json(out / f"dp_tp{tp}.json", {"tp_size": tp, "ranks": rows})
+    if dist.get_rank() == 0:
+        torch.save(final, out / f"dp_tp{tp}_final.pt")
 
 
 def main() -> None:
@@ -200,7 +209,7 @@ def main() -> None:
             parity(args.out, args.hf_in)
         else:
             state.initialize_parallel(args.tp)
-            _write_json(args.out / f"dp_tp{args.tp}.json", _gather_dp(dp_run()))
+            _write_dp(args.out, dp_run())
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -95,10 +95,11 @@ class FlavaForPreTraining(nn.Module):
             nn.init.zeros_(module.bias)
 
     # ---- checkpoints --------------------------------------------------------------------------------
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, local: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The state dict at tensor-parallel size 1 (shards gathered, vocabulary padding dropped) on every rank.
-        Collective over the TP group; equals `state_dict()` without tensor parallelism."""
-        return tp_checkpoint.full_state_dict(self)
+        Collective over the TP group; equals `state_dict()` without tensor parallelism. `local` overrides this
+        rank's tensors by name (e.g. DeepSpeed's fp32 master weights of a bf16 model)."""
+        return tp_checkpoint.full_state_dict(self, local)
 
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a TP = 1 state dict; under tensor parallelism each rank keeps its shards."""

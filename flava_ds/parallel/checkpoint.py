@@ -55,11 +55,15 @@ def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return shard(full, dim, param.partition_stride, world, tensor_parallel_rank(), param.shape[dim] * world)
 
 
-def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """`module.state_dict()` with every sharded tensor gathered and unpadded. Collective over the TP group."""
+def full_state_dict(module: nn.Module, local: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """`module.state_dict()` with every sharded tensor gathered and unpadded. Collective over the TP group.
+
+    `local` stands in for this rank's tensors where given (same names and shapes as `module.state_dict()`), e.g.
+    DeepSpeed's fp32 master weights (`deepspeed.utils.safe_get_full_fp32_param`) for an fp32 export.
+    """
     out = {}
     for name, value in module.state_dict(keep_vars=True).items():
-        tensor = value.detach()
+        tensor = (local[name] if local is not None and name in local else value).detach()
         if is_sharded(value):
             parts = [torch.empty_like(tensor) for _ in range(tensor_parallel_size())]
             dist.all_gather(parts, tensor.contiguous(), group=tensor_parallel_group())
