@@ -42,8 +42,12 @@ def test_start_of_training_losses_match_spec():
         mim = model(**batches["image"]).losses["mim"]
         mlm = model(**batches["text"]).losses["mlm"]
     ln_vocab, ln_codebook = math.log(30522), math.log(8192)
-    for value, ln_classes in ((mlm, ln_vocab), (image_text["mmm_text"], ln_vocab), (mim, ln_codebook),
-                              (image_text["mmm_image"], ln_codebook)):
+    for value, ln_classes in (
+        (mlm, ln_vocab),
+        (image_text["mmm_text"], ln_vocab),
+        (mim, ln_codebook),
+        (image_text["mmm_image"], ln_codebook),
+    ):
         assert 0 <= value - ln_classes < 0.3
     assert abs(image_text["global_contrastive"] - math.log(batch_size)) < 0.1
     assert image_text["itm"] < 0.8

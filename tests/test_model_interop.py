@@ -51,8 +51,9 @@ def test_codebook_included_in_transformers_dir(tmp_path):
     theirs, info = transformers.FlavaForPreTraining.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     pixels = torch.rand(2, 3, 32, 32)
-    assert torch.equal(theirs.image_codebook.get_codebook_indices(pixels * 0.8 + 0.1),
-                       codebook.get_codebook_indices(pixels))
+    assert torch.equal(
+        theirs.image_codebook.get_codebook_indices(pixels * 0.8 + 0.1), codebook.get_codebook_indices(pixels)
+    )
     _assert_same_state(model, FlavaForPreTraining.from_hf_pretrained(tmp_path))  # codebook keys ignored
 
 
@@ -67,8 +68,9 @@ def test_codebook_round_trip(tmp_path):
 def test_convert_cli_both_directions(tmp_path):
     model = _random_model(1)
     model.save_pretrained(tmp_path / "ours")
-    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "tools/convert_checkpoint.py"), *a],
-                                    check=True, capture_output=True, text=True)
+    run = lambda *a: subprocess.run(
+        [sys.executable, str(ROOT / "tools/convert_checkpoint.py"), *a], check=True, capture_output=True, text=True
+    )
     run("to-hf", "--input", str(tmp_path / "ours"), "--output", str(tmp_path / "hf"), "--codebook", "random:0:tiny")
     run("from-hf", "--input", str(tmp_path / "hf"), "--output", str(tmp_path / "back"))
     _assert_same_state(model, FlavaForPreTraining.from_pretrained(tmp_path / "back"))

@@ -97,14 +97,14 @@ def make_training_data(root: Path, num_pairs: int = 48, num_docs: int = 40) -> d
     }
 
 
-def write_run_config(path: Path, data: dict[str, Path], **sections) -> Path:
+def write_run_config(path: Path, shards: dict[str, Path], **sections) -> Path:
     config = {
         "model": {"preset": "tiny"},
         "data": {
-            "tokenizer": str(data["tokenizer"]),
-            "image_text": {"paths": [str(data["pairs"])]},
-            "image": {"paths": [str(data["images"])]},
-            "text": {"paths": [str(data["text"])]},
+            "tokenizer": str(shards["tokenizer"]),
+            "image_text": {"paths": [str(shards["pairs"])]},
+            "image": {"paths": [str(shards["images"])]},
+            "text": {"paths": [str(shards["text"])]},
             "task_ratios": {"image_text": 2.0, "image": 1.0, "text": 1.0},
             "num_workers": 0,
             "text_max_length": 32,
@@ -161,3 +161,15 @@ def step_losses(metrics_file: Path) -> dict[int, float]:
         if "loss" in record:
             out[record["step"]] = record["loss"]
     return out
+
+
+KNOWN_EXIT_ABORT = "terminate called without an active exception"  # DeepSpeed on CPU, after training finished
+
+
+def finished(result: subprocess.CompletedProcess, ranks: int) -> bool:
+    """Every rank printed the completion marker, and the exit code is 0 or only the known abort at exit."""
+    from flava_ds.train.trainer import COMPLETE_MARKER
+
+    output = result.stdout + result.stderr
+    done = output.count(COMPLETE_MARKER) == ranks
+    return done and (result.returncode == 0 or KNOWN_EXIT_ABORT in output)

@@ -24,7 +24,6 @@ import torch
 import transformers
 
 from flava_ds.model import FlavaConfig, FlavaForPreTraining
-from flava_ds.model.flava import FlavaOutput
 from flava_ds.model.interop import config_to_hf
 
 
@@ -54,8 +53,7 @@ def make_batch(cfg: FlavaConfig, kind: str, batch: int, seq_len: int, device: st
 
 def step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
     model.zero_grad(set_to_none=True)
-    out = model(**batch)
-    loss = out.loss if isinstance(out, FlavaOutput) else out.loss
+    loss = model(**batch).loss  # both models' outputs carry the weighted total as .loss
     loss.backward()
     return loss.item()
 

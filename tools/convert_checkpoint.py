@@ -4,6 +4,10 @@
   python tools/convert_checkpoint.py to-hf   --input EXPORT_OR_HF_DIR --output HF_DIR [--codebook SPEC]
   python tools/convert_checkpoint.py from-hf --input HF_DIR --output EXPORT_DIR
   python tools/convert_checkpoint.py codebook --input {random:SEED[:tiny] | CODEBOOK_DIR} --output CODEBOOK_DIR
+  python tools/convert_checkpoint.py from-deepspeed --input SAVE_DIR [--tag global_stepN] --output EXPORT_DIR
+
+`from-deepspeed` consolidates a training checkpoint (any ZeRO stage) into one fp32 model.safetensors;
+follow it with `to-hf` for a transformers directory.
 
 `to-hf` output loads with `transformers.FlavaForPreTraining.from_pretrained`; with --codebook the dVAE
 weights are included (init_codebook=true), otherwise the codebook is left out (init_codebook=false).
@@ -21,14 +25,19 @@ log = logging.getLogger("convert_checkpoint")
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("direction", choices=["to-hf", "from-hf", "codebook"])
+    parser.add_argument("direction", choices=["to-hf", "from-hf", "codebook", "from-deepspeed"])
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--codebook", help="with to-hf: a codebook to include (random:SEED or a directory)")
+    parser.add_argument("--tag", help="with from-deepspeed: the checkpoint tag (default: the 'latest' file)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    if args.direction == "codebook":
+    if args.direction == "from-deepspeed":
+        from flava_ds.train.checkpoint import export
+
+        export(args.input, args.output, args.tag)
+    elif args.direction == "codebook":
         load_codebook(args.input).save_hf_pretrained(args.output)
     elif args.direction == "to-hf":
         model = FlavaForPreTraining.from_pretrained(args.input)

@@ -7,6 +7,7 @@ position, RNG) rides in DeepSpeed's client state.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 LATEST = "latest"
+MODEL_CONFIG = "flava_config.json"
 _TAG = re.compile(r"^global_step(\d+)$")
 
 
@@ -73,7 +75,8 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict[str, Any], 
     tag = tag_for(step)
     engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
-    if dist.get_rank() == 0:
+    if dist.get_rank() == 0:  # the model config as JSON, so exporting needs no unpickling
+        (save_dir / tag / MODEL_CONFIG).write_text(json.dumps(client_state["flava_config"], indent=2))
         publish_latest(save_dir, tag)
         prune(save_dir, keep_last)
     dist.barrier()
@@ -89,3 +92,27 @@ def load(engine, load_dir: str | Path) -> dict[str, Any] | None:
     if path is None:
         raise RuntimeError(f"{load_dir}/{tag}: DeepSpeed could not load this checkpoint")
     return client_state
+
+
+def export(save_dir: str | Path, output: str | Path, tag: str | None = None) -> Path:
+    """Consolidate a DeepSpeed checkpoint (any ZeRO stage) into one fp32 flava_ds export directory."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from flava_ds.model import FlavaConfig, FlavaForPreTraining
+
+    tag = tag or read_latest(save_dir)
+    if tag is None:
+        raise FileNotFoundError(f"{save_dir}: no '{LATEST}' file; pass the checkpoint tag explicitly")
+    config = FlavaConfig.from_dict(json.loads((Path(save_dir) / tag / MODEL_CONFIG).read_text()))
+    tp_ranks = sorted((Path(save_dir) / tag).glob("mp_rank_*_model_states.pt"))
+    if len(tp_ranks) > 1:
+        raise NotImplementedError(
+            f"{save_dir}/{tag} was written with tensor parallelism ({len(tp_ranks)} TP ranks); offline export "
+            "supports TP=1 checkpoints. Export from a running TP job with model.save_pretrained (which gathers "
+            "the shards) instead."
+        )
+    state = get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
+    model = FlavaForPreTraining(config)
+    model.load_state_dict(state)
+    model.save_pretrained(output)
+    return Path(output)

@@ -92,6 +92,7 @@ class TrainSection:
     log_interval: int = 10
     eval_interval: int = 0  # 0 = only at the end
     save_interval: int = 0  # 0 = only at the end
+    exit_at_step: int | None = None  # checkpoint and exit here (scheduled preemption); the schedule still spans steps
     max_nonfinite_steps: int = 5  # this many skipped updates in a row stop the run
     stop_deadline_s: float = 120.0  # after SIGTERM/SIGUSR1: checkpoint and exit within this
 

@@ -17,6 +17,7 @@ from flava_ds.data.sampler import SampleKey
 from flava_ds.data.text_dataset import TextCollator, TextDataset
 from flava_ds.data.tokenizer import Tokenizer
 from flava_ds.model import FlavaForPreTraining
+from flava_ds.parallel.layers import gather_vocab_logits
 from flava_ds.train.config import RunConfig
 
 EVAL_SEED = 2024  # fixed crops, masks and ITM negatives: the same held-out batches at every evaluation
@@ -79,7 +80,10 @@ def masked_accuracy(model: FlavaForPreTraining, batches, device: torch.device, h
             if head == "mim"
             else batch["mlm_labels"][batch["mlm_labels"] != -100]
         )
-        correct += int((out.logits[head].argmax(-1) == labels).sum())
+        logits = out.logits[head]
+        if head == "mlm":  # under tensor parallelism each rank holds a slice of the vocabulary
+            logits = gather_vocab_logits(logits, model.config.text.vocab_size)
+        correct += int((logits.argmax(-1) == labels).sum())
         total += labels.numel()
     return correct / max(total, 1)
 

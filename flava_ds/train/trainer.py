@@ -25,7 +25,14 @@ import torch.distributed as dist
 
 from flava_ds.data.tokenizer import Tokenizer
 from flava_ds.model import LOSS_NAMES, FlavaConfig, FlavaForPreTraining
-from flava_ds.parallel.state import data_parallel_group
+from flava_ds.parallel.state import (
+    DeepSpeedMPU,
+    data_parallel_group,
+    data_parallel_rank,
+    data_parallel_size,
+    initialize_parallel,
+    set_seed,
+)
 from flava_ds.train import checkpoint
 from flava_ds.train.config import RunConfig
 from flava_ds.train.flops import batch_flops, batch_tokens, peak_tflops
@@ -83,11 +90,15 @@ class StopSignal:
 
 
 class Trainer:
-    def __init__(self, config: RunConfig, ds_config: dict[str, Any], micro: int, accum: int, mpu=None):
+    def __init__(self, config: RunConfig, ds_config: dict[str, Any], micro: int, accum: int):
         self.config = config
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         tp = config.train.tensor_parallel_size
-        self.dp_size, self.dp_rank = self.world // tp, self.rank // tp
+        mpu = None
+        if tp > 1:  # megatron-core groups; TP peers share a batch, ZeRO and the contrastive gather span DP ranks
+            initialize_parallel(tp)
+            mpu = DeepSpeedMPU()
+        self.dp_size, self.dp_rank = data_parallel_size(), data_parallel_rank()
         self.micro, self.accum = micro, accum
         accelerator = deepspeed.get_accelerator()
         on_cpu = accelerator.device_name() == "cpu"
@@ -107,7 +118,7 @@ class Trainer:
             config.data, tokenizer, self.model_config.image.image_size, micro, self.dp_rank, self.dp_size
         )  # opens and checks every shard before the model
 
-        torch.manual_seed(config.train.seed)
+        set_seed(config.train.seed)  # every rank builds the same full weights (TP ranks keep their slices)
         model = FlavaForPreTraining(self.model_config)
         initialize_from_checkpoints(model, config.model.init)
         opt = config.optimizer
@@ -177,7 +188,7 @@ class Trainer:
         while self.step < cfg.steps:
             step_loss = self._train_step(window)
             self.step += 1
-            flags = torch.tensor([float(self.stop.requested)])
+            flags = torch.tensor([float(self.stop.requested or self.step == cfg.exit_at_step)])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
             self._write_metrics({"step": self.step, "loss": step_loss})
             if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
@@ -190,7 +201,7 @@ class Trainer:
             ):
                 self.save()
             if flags.item():
-                log.warning("stopped by signal at step %d after saving", self.step)
+                log.warning("stopped at step %d (signal or train.exit_at_step) after saving", self.step)
                 return
         self.evaluate()
         if self.tb is not None:
@@ -216,6 +227,8 @@ class Trainer:
                     )
             self.engine.backward(out.loss)
             self.engine.step()
+            if micro == self.accum - 1:
+                self._clear_stale_zero3_gradients()
             self.streams.advance(task)
             losses.append(out.loss.detach().float())
             window.add(task, out, batch, self.model_config)
@@ -241,6 +254,15 @@ class Trainer:
         dist.all_reduce(loss, group=data_parallel_group())
         return loss.item() / self.dp_size
 
+    def _clear_stale_zero3_gradients(self) -> None:
+        """ZeRO-3 keeps each parameter's reduced gradient partition until that parameter gets a new one, so a
+        parameter unused in a step (the image encoder on a text-only step) would re-apply an old gradient and
+        count it in the clipping norm. Zeroing the partitions after each update gives unused parameters a zero
+        gradient, as ZeRO-0/1/2 do."""
+        buffer = getattr(self.engine.optimizer, "grad_partitions_flat_buffer", None) if self.zero_stage == 3 else None
+        if buffer is not None:
+            buffer.zero_()
+
     # ---- logging ----------------------------------------------------------------------------------
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if self.rank == 0 and self.metrics_path is not None:
@@ -264,7 +286,6 @@ class Trainer:
         scalars.update(
             {
                 "lr": self.engine.get_lr()[0],
-                "grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
                 "logit_scale": self._scalar_logit_scale(),
                 "throughput/samples_per_s": samples / max(window.seconds, 1e-9),
                 "throughput/tokens_per_s": window.tokens * self.dp_size / max(window.seconds, 1e-9),
@@ -274,6 +295,9 @@ class Trainer:
                 "skipped_steps": float(self.skipped_steps),
             }
         )
+        grad_norm = self.engine.get_global_grad_norm()  # None where DeepSpeed does not compute it (ZeRO-0)
+        if grad_norm is not None:
+            scalars["grad_norm"] = float(grad_norm)
         if self.peak:
             scalars["throughput/mfu"] = tflops / self.peak
         if self.fp16:
@@ -291,7 +315,7 @@ class Trainer:
                 self.config.train.steps,
                 loss_terms,
                 scalars["lr"],
-                scalars["grad_norm"],
+                scalars.get("grad_norm", math.nan),
                 scalars["throughput/samples_per_s"],
                 tflops,
                 100 * scalars["throughput/data_wait_fraction"],

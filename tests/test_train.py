@@ -1,0 +1,174 @@
+"""`deepspeed --num_gpus 2 flava_ds/pretrain.py` on CPU ranks: ZeRO stages agree, exact resume, TensorBoard,
+export, and bad configs refused before anything is built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flava_ds.model import FlavaForPreTraining
+from flava_ds.train.checkpoint import export, read_latest
+from tests.train_fixtures import (
+    finished,
+    launch,
+    make_training_data,
+    step_losses,
+    write_ds_config,
+    write_run_config,
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_training_data(tmp_path_factory.mktemp("train_data"))
+
+
+def _train(data, tmp: Path, stage: int, steps: int, *extra: str, ds_name: str = "ds.json", **sections):
+    tmp.mkdir(parents=True, exist_ok=True)
+    metrics = tmp / "metrics.jsonl"
+    # a CPU has no entry in the peak-FLOP/s table: give one so MFU is logged
+    config = write_run_config(
+        tmp / "run.yaml", data, logging={"metrics_file": str(metrics), "peak_tflops": 1.0}, **sections
+    )
+    ds = write_ds_config(tmp / ds_name, stage)
+    result = launch(2, "--deepspeed_config", str(ds), "--config", str(config), "--train-steps", str(steps), *extra)
+    assert finished(result, 2), result.stdout[-4000:] + result.stderr[-4000:]
+    return step_losses(metrics), result
+
+
+def test_zero_stages_agree(data, tmp_path):
+    """fp32 losses of the first 5 steps (mixed batch kinds) agree across ZeRO 0, 1, 2 and 3."""
+    runs = {stage: _train(data, tmp_path / f"z{stage}", stage, 5)[0] for stage in (0, 1, 2, 3)}
+    assert sorted(runs[0]) == [1, 2, 3, 4, 5]
+    for stage in (1, 2, 3):
+        for step, loss in runs[0].items():
+            assert abs(runs[stage][step] - loss) < 1e-4, (stage, step, runs[stage][step], loss)
+    assert len(set(round(v, 3) for v in runs[0].values())) == 5  # the steps really differ (mixed kinds, updates)
+
+
+def test_exact_resume_and_tensorboard(data, tmp_path):
+    tb = tmp_path / "tb"
+    straight, _ = _train(
+        data, tmp_path / "straight", 2, 10, "--save", str(tmp_path / "ck_straight"), "--tensorboard-dir", str(tb)
+    )
+    first, _ = _train(
+        data, tmp_path / "first", 2, 10, "--save", str(tmp_path / "ck_resume"), "--train.exit_at_step", "5"
+    )
+    assert read_latest(tmp_path / "ck_resume") == "global_step5"
+    second, result = _train(
+        data, tmp_path / "second", 2, 10, "--save", str(tmp_path / "ck_resume"), "--load", str(tmp_path / "ck_resume")
+    )
+    assert "resumed from" in result.stderr + result.stdout
+    assert sorted(second) == list(range(6, 11))
+    resumed = {**first, **second}
+    assert resumed == straight  # identical per-step losses, bit for bit
+
+    a = export(tmp_path / "ck_straight", tmp_path / "export_a")
+    b = export(tmp_path / "ck_resume", tmp_path / "export_b")
+    sa, sb = FlavaForPreTraining.from_pretrained(a).state_dict(), FlavaForPreTraining.from_pretrained(b).state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+    _check_tensorboard(tb)
+
+
+def _check_tensorboard(tb: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    expected = {
+        "loss/total",
+        "lr",
+        "grad_norm",
+        "logit_scale",
+        "throughput/samples_per_s",
+        "throughput/tokens_per_s",
+        "throughput/tflops_per_device",
+        "throughput/mfu",
+        "throughput/data_wait_fraction",
+        "memory/peak_mib",
+        "loss/image_text/total",
+        "loss/image_text/global_contrastive",
+        "loss/image_text/itm",
+        "loss/image_text/mmm_image",
+        "loss/image_text/mmm_text",
+        "loss/image/mim",
+        "loss/text/mlm",
+    }
+    assert expected <= tags, expected - tags
+    steps = [e.step for e in events.Scalars("loss/total")]
+    assert steps == list(range(1, 11))
+    assert all(0 < e.value < 1 for e in events.Scalars("throughput/data_wait_fraction"))
+
+
+def _main(tmp_path, fixture_data, **sections) -> str:
+    """Run pretrain.main in-process with a bad config; return its one-line error."""
+    from flava_ds import pretrain
+
+    config = write_run_config(tmp_path / "bad.yaml", fixture_data, **sections)
+    ds = write_ds_config(tmp_path / "ds.json", 2, micro=2, accum=2)
+    built = []
+    original = FlavaForPreTraining.__init__
+    FlavaForPreTraining.__init__ = lambda self, *a, **k: built.append(1) or original(self, *a, **k)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            pretrain.main(["--deepspeed_config", str(ds), "--config", str(config)])
+    finally:
+        FlavaForPreTraining.__init__ = original
+    assert not built, "the model was built before the config was refused"
+    return str(exit_info.value.code)
+
+
+def test_bad_configs_fail_before_the_model_is_built(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    message = _main(tmp_path, data, train={"global_batch_size": 16})
+    assert "micro batch 2 x accumulation 2 x data-parallel size 2 = 8" in message
+    message = _main(tmp_path, data, train={"stepz": 3})
+    assert "config.train: unknown key(s) ['stepz']" in message
+    message = _main(tmp_path, data, data={"image": {"paths": [str(tmp_path / "nope")]}})
+    assert f"data.image.paths: {tmp_path / 'nope'} does not exist" in message
+    message = _main(tmp_path, data, data={"text": {"paths": []}, "task_ratios": {"text": 1.0}})
+    assert "data.task_ratios.text=1.0 but data.text.paths is empty" in message
+
+
+def test_run_config_overrides(tmp_path, data):
+    from flava_ds.train.config import RunConfig
+
+    path = write_run_config(tmp_path / "run.yaml", data)
+    config = RunConfig.load(
+        path, [("train.log_interval", "7"), ("data.task_ratios", "{image: 1}"), ("deepspeed.bf16.enabled", "false")]
+    )
+    assert config.train.log_interval == 7 and config.data.task_ratios == {"image": 1}
+    assert config.deepspeed == {"bf16": {"enabled": False}}
+    assert yaml.safe_load(path.read_text())["model"]["preset"] == "tiny"
+
+
+def test_tensor_parallel_training_matches_single_process(data, tmp_path):
+    """pretrain.py with --tensor-model-parallel-size 2 (2 ranks, DP = 1) follows the 1-process run, ZeRO-1."""
+    config = write_run_config(tmp_path / "run.yaml", data)
+    ds = write_ds_config(tmp_path / "ds.json", 1)
+    losses = {}
+    for tp in (1, 2):
+        metrics = tmp_path / f"tp{tp}.jsonl"
+        result = launch(
+            tp,
+            "--deepspeed_config",
+            str(ds),
+            "--config",
+            str(config),
+            "--train-steps",
+            "4",
+            "--tensor-model-parallel-size",
+            str(tp),
+            "--logging.metrics_file",
+            str(metrics),
+        )
+        assert finished(result, tp), result.stdout[-3000:] + result.stderr[-3000:]
+        losses[tp] = step_losses(metrics)
+    assert sorted(losses[1]) == [1, 2, 3, 4]
+    for step, loss in losses[1].items():
+        assert abs(losses[2][step] - loss) < 1e-4, (step, losses[2][step], loss)
