@@ -1,0 +1,501 @@
+#!/usr/bin/env python
+"""End-to-end training throughput through the DeepSpeed engine, and the same batches through transformers' FLAVA.
+
+  python tools/bench_train.py --preset small --batch 16                       # CPU fp32, every kind + the mix
+  python tools/bench_train.py --preset full --batch 64 --precision bf16 --zero 2 --json train.json   # one GPU
+
+For each batch kind (image_text, image, text) and the mix of the three (`--mix`, default equal ratios, i.e.
+round-robin in expectation), two phases run in this one process:
+
+* train: `--steps` consecutive DeepSpeed steps (forward, backward, engine.step) fed by the real loader
+  (`flava_ds.train.streams.TrainStreams`, `--workers` DataLoader workers) over Arrow/Megatron shards made with
+  the real preprocess tools (`--data DIR`, else generated into a temporary directory: random images, a small
+  WordPiece vocabulary, the tiny random dVAE codebook; the model's cost does not depend on the values).
+  Reported: samples/s, model TFLOP/s (`flava_ds.train.flops.batch_flops`), MFU against `--peak-tflops` or
+  the GPU's dense bf16 peak, peak memory (GPU: max allocated; CPU: process peak RSS), and the fraction of
+  the step spent waiting for data.
+* compare: `--compare-steps` batches from the same loader, each trained by our engine and then by
+  `transformers.FlavaForPreTraining` with the same initial weights (bf16 autocast on GPU, fp32 on CPU; a
+  plain torch AdamW step with the same clipping), alternating, so background load hits both alike. Reported:
+  median step time of each (data wait excluded) and ours / transformers. On GPU also the peak memory of each.
+
+`--gather` also times the contrastive all-gather (forward + backward of the embeddings) over the
+data-parallel group against the image-text step time. Single process: a 1-rank gloo (CPU) or NCCL (GPU) group.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make the repository importable without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from PIL import Image
+
+from flava_ds.model import FlavaConfig, FlavaForPreTraining
+from flava_ds.train.flops import batch_flops, peak_tflops
+
+REPO = Path(__file__).resolve().parents[1]
+KINDS = ("image_text", "image", "text")
+WORDS = (
+    "a man woman child dog cat sits stands runs on in near the red blue green old new small large street "
+    "beach field table car bike boat house tree sky water park city window with under over two three"
+).split()
+
+
+# ---- data ---------------------------------------------------------------------------------------------
+def make_shards(root: Path, stored_size: int, pairs: int, docs: int, seed: int = 0) -> dict[str, Path]:
+    """Image-text, image-only and text shards made by the real preprocess tools (tiny random dVAE).
+
+    Captions are 4-40 words (ragged, so dynamic padding is exercised); images are stored at `stored_size`."""
+    from preprocess import images as prep_images
+    from preprocess import pairs as prep_pairs
+    from preprocess import text as prep_text
+
+    rng = np.random.default_rng(seed)
+    for folder in ("img", "classes/a", "classes/b"):  # image-only corpus: ImageNet-style class folders
+        (root / folder).mkdir(parents=True)
+    records = []
+    for i in range(pairs):
+        coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+        image = Image.fromarray(coarse).resize((stored_size + 40, stored_size + 20), Image.BICUBIC)
+        image.save(root / "img" / f"{i:05d}.jpg", quality=90)
+        if i % 2 == 0:
+            image.save(root / "classes" / "ab"[i % 4 // 2] / f"{i:05d}.jpg", quality=90)
+        caption = " ".join(rng.choice(WORDS, int(rng.integers(4, 41))))
+        records.append({"image": f"img/{i:05d}.jpg", "caption": caption})
+    _jsonl(root / "pairs.jsonl", records)
+    documents = [{"text": " ".join(rng.choice(WORDS, int(rng.integers(20, 400))))} for _ in range(docs)]
+    _jsonl(root / "docs.jsonl", documents)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "train_tokenizer.py"),
+            "--input",
+            str(root / "pairs.jsonl"),
+            "--json-key",
+            "caption",
+            "--vocab-size",
+            "400",
+            "--output",
+            str(root / "tokenizer.json"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    tokenizer = str(root / "tokenizer.json")
+    common = ["--codebook", "random:0:tiny", "--image-size", str(stored_size), "--workers", "1", "--no-progress"]
+    checks = [
+        prep_pairs.main(
+            [
+                "--input",
+                str(root / "pairs.jsonl"),
+                "--image-root",
+                str(root),
+                "--output",
+                str(root / "pairs"),
+                "--tokenizer",
+                tokenizer,
+                *common,
+            ]
+        ),
+        prep_images.main(["--input", str(root / "classes"), "--output", str(root / "images"), *common]),
+        prep_text.main(
+            [
+                "--input",
+                str(root / "docs.jsonl"),
+                "--tokenizer",
+                tokenizer,
+                "--output",
+                str(root / "text"),
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        ),
+    ]
+    if any(checks):
+        raise SystemExit(f"preprocessing failed (exit codes {checks})")
+    return {
+        "tokenizer": root / "tokenizer.json",
+        "image_text": root / "pairs",
+        "image": root / "images",
+        "text": root / "text",
+    }
+
+
+def _jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def existing_shards(directory: Path) -> dict[str, Path]:
+    """A --data directory laid out like `make_shards` writes it."""
+    shards = {
+        "tokenizer": directory / "tokenizer.json",
+        "image_text": directory / "pairs",
+        "image": directory / "images",
+        "text": directory / "text",
+    }
+    missing = [str(p) for p in shards.values() if not p.exists()]
+    if missing:
+        raise SystemExit(f"--data {directory}: missing {missing}")
+    return shards
+
+
+def make_streams(
+    shards: dict[str, Path], ratios: dict[str, float], crop: int, micro: int, workers: int, text_max_length: int
+):
+    """The trainer's own loader: one resumable stream per kind, the task mixer, the data-wait clock."""
+    from flava_ds.data.tokenizer import Tokenizer
+    from flava_ds.train.config import DataSection, StreamConfig
+    from flava_ds.train.streams import TrainStreams
+
+    section = DataSection(
+        tokenizer=str(shards["tokenizer"]),
+        image_text=StreamConfig(paths=[str(shards["image_text"])]),
+        image=StreamConfig(paths=[str(shards["image"])]),
+        text=StreamConfig(paths=[str(shards["text"])]),
+        task_ratios=ratios,
+        text_max_length=text_max_length,
+        num_workers=workers,
+    )
+    return TrainStreams(section, Tokenizer.from_file(section.tokenizer), crop, micro, 0, 1)
+
+
+# ---- models -------------------------------------------------------------------------------------------
+def init_process_group(device: torch.device) -> None:
+    """A 1-rank group (gloo on CPU, NCCL on GPU): the DeepSpeed engine and the contrastive gather run as in training."""
+    import deepspeed
+
+    if not os.environ.get("MASTER_PORT"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def ds_config(stage: int, precision: str, micro: int, clip: float) -> dict[str, Any]:
+    config = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+    config.pop("bf16", None)
+    config.pop("fp16", None)
+    config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1, gradient_clipping=clip)
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 12}
+    return config
+
+
+def build_engine(model: torch.nn.Module, config: dict[str, Any], lr: float):
+    import deepspeed
+
+    from flava_ds.train.trainer import param_groups
+
+    optimizer = torch.optim.AdamW(param_groups(model, 0.1, ["bias", "norm", "token", "embed", "logit_scale"]), lr=lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def build_transformers(ours: FlavaForPreTraining, device: torch.device, lr: float):
+    """transformers' FlavaForPreTraining with our initial weights (exported and loaded back), fp32 master weights."""
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ours.save_hf_pretrained(tmp)
+        model = transformers.FlavaForPreTraining.from_pretrained(tmp).to(device).train()
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+
+
+# ---- timing -------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_mib(device: torch.device) -> float:
+    """GPU: max allocated since the last reset; CPU: this process's peak RSS (both models, once loaded)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def our_step(engine, batch: dict[str, torch.Tensor]) -> float:
+    out = engine(**batch)
+    engine.backward(out.loss)
+    engine.step()
+    return float(out.loss.detach())
+
+
+def their_step(model, optimizer, batch: dict[str, torch.Tensor], clip: float, autocast) -> float:
+    with autocast():
+        loss = model(**batch).loss
+    loss.backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def train_phase(
+    engine, streams, cfg: FlavaConfig, device: torch.device, steps: int, warmup: int, peak: float | None
+) -> dict[str, Any]:
+    """Consecutive DeepSpeed steps fed by the loader: throughput, TFLOP/s, MFU, data wait, memory."""
+    records = []
+    reset_peak(device)
+    for step in range(warmup + steps):
+        task = streams.task(step)
+        sync(device)
+        start, wait_before = time.perf_counter(), streams.wait_seconds
+        batch = {k: v.to(device, non_blocking=True) for k, v in streams.next_batch(task).items()}
+        loss = our_step(engine, batch)
+        sync(device)
+        seconds = time.perf_counter() - start
+        streams.advance(task)
+        if step >= warmup:
+            samples = next(iter(batch.values())).shape[0]
+            records.append(
+                (task, seconds, streams.wait_seconds - wait_before, batch_flops(cfg, task, batch), samples, loss)
+            )
+    seconds = sum(r[1] for r in records)
+    tflops = sum(r[3] for r in records) / seconds / 1e12
+    return {
+        "steps": len(records),
+        "tasks": {t: sum(r[0] == t for r in records) for t in KINDS if any(r[0] == t for r in records)},
+        "samples_per_s": sum(r[4] for r in records) / seconds,
+        "step_s_median": median([r[1] for r in records]),
+        "tflops": tflops,
+        "mfu": tflops / peak if peak else None,
+        "data_wait_fraction": sum(r[2] for r in records) / seconds,
+        "peak_mib": peak_mib(device),
+        "last_loss": records[-1][5] if records else None,
+    }
+
+
+def compare_phase(
+    engine, theirs, streams, device: torch.device, steps: int, warmup: int, clip: float, autocast
+) -> dict[str, Any]:
+    """The same loader batches through both models, alternating; data wait is not part of either time."""
+    model, optimizer = theirs
+    times: dict[str, list[float]] = {"flava_ds": [], "transformers": []}
+    memory: dict[str, float] = {"flava_ds": 0.0, "transformers": 0.0}
+    losses: dict[str, float] = {}
+    for step in range(warmup + steps):
+        task = streams.task(step)
+        batch = {k: v.to(device) for k, v in streams.next_batch(task).items()}
+        streams.advance(task)
+        order = ("flava_ds", "transformers") if step % 2 == 0 else ("transformers", "flava_ds")
+        for name in order:  # alternate who goes first
+            sync(device)
+            reset_peak(device)
+            start = time.perf_counter()
+            if name == "flava_ds":
+                losses[name] = our_step(engine, batch)
+            else:  # transformers edits mim_labels in place: it gets its own copy
+                losses[name] = their_step(model, optimizer, {k: v.clone() for k, v in batch.items()}, clip, autocast)
+            sync(device)
+            if step >= warmup:
+                times[name].append(time.perf_counter() - start)
+                if device.type == "cuda":
+                    memory[name] = max(memory[name], peak_mib(device))
+    med = {name: median(t) for name, t in times.items()}
+    result: dict[str, Any] = {
+        "steps": len(times["flava_ds"]),
+        "flava_ds_step_s_median": med["flava_ds"],
+        "transformers_step_s_median": med["transformers"],
+        "flava_ds_runs": [round(t, 4) for t in times["flava_ds"]],
+        "transformers_runs": [round(t, 4) for t in times["transformers"]],
+        "time_ratio": med["flava_ds"] / med["transformers"],
+        "last_loss": losses,
+    }
+    if device.type == "cuda":
+        result.update(
+            flava_ds_peak_mib=memory["flava_ds"],
+            transformers_peak_mib=memory["transformers"],
+            memory_ratio=memory["flava_ds"] / memory["transformers"],
+        )
+    return result
+
+
+def gather_probe(engine, cfg: FlavaConfig, micro: int, device: torch.device, repeats: int) -> dict[str, Any]:
+    """Time the contrastive loss's all-gather (image + text embeddings, forward + backward) over the DP group."""
+    import torch.distributed as dist
+
+    from flava_ds.model.contrastive import _gather
+    from flava_ds.parallel.state import data_parallel_group
+
+    dtype = next(engine.module.parameters()).dtype
+    group = data_parallel_group()
+    times = []
+    for i in range(repeats + 2):
+        image, text = (
+            torch.randn(micro, cfg.projection_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(2)
+        )
+        sync(device)
+        start = time.perf_counter()
+        gathered = _gather(image, group, True).sum() + _gather(text, group, True).sum()
+        gathered.backward()
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return {
+        "world_size": dist.get_world_size(group),
+        "gather_fwd_bwd_s_median": median(times),
+        "bytes_per_rank": 2 * micro * cfg.projection_dim * torch.finfo(dtype).bits // 8,
+    }
+
+
+# ---- main ---------------------------------------------------------------------------------------------
+def parse_mix(text: str) -> dict[str, float]:
+    ratios = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if name not in KINDS:
+            raise argparse.ArgumentTypeError(f"--mix: unknown kind {name!r}; kinds are {KINDS}")
+        ratios[name] = float(value)
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small", help="FlavaConfig preset (full, small, tiny, large)")
+    parser.add_argument("--batch", type=int, default=8, help="micro batch (one process, no accumulation)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO stage (ds_configs/zeroN.json)")
+    parser.add_argument("--attn-impl", default="sdpa", choices=("sdpa", "eager", "triton"))
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--kinds", default="image_text,image,text,mix", help="comma-separated; 'mix' = --mix ratios")
+    parser.add_argument("--mix", type=parse_mix, default=dict.fromkeys(KINDS, 1.0), help="e.g. image_text=2,text=1")
+    parser.add_argument("--steps", type=int, default=6, help="measured train-phase steps per kind")
+    parser.add_argument("--compare-steps", type=int, default=4, help="measured steps per model and kind (0: skip)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps before each phase")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per stream")
+    parser.add_argument("--text-max-length", type=int, default=128, help="text-only window (captions: <= 77)")
+    parser.add_argument("--data", type=Path, help="shards as make_shards lays them out (default: generate)")
+    parser.add_argument("--pairs", type=int, default=256, help="generated image-text pairs (half also image-only)")
+    parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping, both models")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--peak-tflops", type=float, help="per-device peak for MFU (default: GPU lookup)")
+    parser.add_argument("--gather", action="store_true", help="also time the contrastive all-gather")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--json", type=Path, help="write every figure here")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    init_process_group(device)
+    torch.manual_seed(0)
+    cfg = FlavaConfig.preset(
+        args.preset, attn_impl=args.attn_impl, activation_checkpointing=args.activation_checkpointing
+    )
+    peak = peak_tflops(args.peak_tflops)
+    crop = cfg.image.image_size
+
+    def autocast():  # transformers' mixed precision: fp32 weights, bf16/fp16 autocast on the GPU
+        if precision == "fp32" or device.type != "cuda":
+            return nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = existing_shards(args.data) if args.data else make_shards(Path(tmp), crop + 32, args.pairs, 64)
+        model = FlavaForPreTraining(cfg)
+        theirs = build_transformers(model, device, args.lr) if args.compare_steps > 0 else None
+        engine = build_engine(model, ds_config(args.zero, precision, args.batch, args.clip), args.lr)
+        report: dict[str, Any] = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": torch.cuda.get_device_name()
+            if device.type == "cuda"
+            else f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+            "torch": torch.__version__,
+            "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+            "preset": args.preset,
+            "batch": args.batch,
+            "precision": precision,
+            "zero": args.zero,
+            "attn_impl": args.attn_impl,
+            "workers": args.workers,
+            "peak_tflops": peak,
+            "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "kinds": {},
+        }
+        for kind in kinds:
+            ratios = args.mix if kind == "mix" else {kind: 1.0}
+            text_length = min(args.text_max_length, cfg.text.max_position_embeddings)
+            streams = make_streams(shards, ratios, crop, args.batch, args.workers, text_length)
+            result: dict[str, Any] = {"ratios": ratios}
+            result["train"] = train_phase(engine, streams, cfg, device, args.steps, args.warmup, peak)
+            if theirs is not None:
+                result["compare"] = compare_phase(
+                    engine, theirs, streams, device, args.compare_steps, args.warmup, args.clip, autocast
+                )
+            report["kinds"][kind] = result
+            print_kind(kind, result, flush=True)
+        if args.gather:
+            probe = gather_probe(engine, cfg, args.batch, device, repeats=20)
+            step = report["kinds"].get("image_text", {}).get("train", {}).get("step_s_median")
+            probe["fraction_of_image_text_step"] = probe["gather_fwd_bwd_s_median"] / step if step else None
+            report["gather"] = probe
+            fraction = probe["fraction_of_image_text_step"] or float("nan")
+            print(
+                f"contrastive gather over {probe['world_size']} rank(s): {probe['gather_fwd_bwd_s_median'] * 1e3:.3f} "
+                f"ms fwd+bwd = {100 * fraction:.3f}% of an image-text step"
+            )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def print_kind(kind: str, result: dict[str, Any], flush: bool) -> None:
+    t = result["train"]
+    mfu = f"{100 * t['mfu']:.1f}%" if t["mfu"] is not None else "n/a"
+    print(
+        f"[{kind}] train: {t['samples_per_s']:.2f} samples/s, step {t['step_s_median']:.3f} s (median of "
+        f"{t['steps']}), {t['tflops']:.3f} TFLOP/s, MFU {mfu}, data wait {100 * t['data_wait_fraction']:.2f}%, "
+        f"peak {t['peak_mib']:.0f} MiB",
+        flush=flush,
+    )
+    c = result.get("compare")
+    if c:
+        mem = f", peak memory ratio {c['memory_ratio']:.3f}x" if "memory_ratio" in c else ""
+        print(
+            f"[{kind}] compare: flava_ds {c['flava_ds_step_s_median']:.3f} s vs transformers "
+            f"{c['transformers_step_s_median']:.3f} s median step -> ratio {c['time_ratio']:.3f}x{mem} "
+            f"(runs {c['flava_ds_runs']} vs {c['transformers_runs']})",
+            flush=flush,
+        )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
