@@ -70,8 +70,10 @@ def image_text_metrics(
 
 
 @torch.no_grad()
-def masked_accuracy(model: FlavaForPreTraining, batches, device: torch.device, head: str) -> float:
+def masked_accuracy(model: FlavaForPreTraining, batches, device: torch.device, head: str) -> tuple[float, float]:
+    """(accuracy, baseline): the baseline always predicts the most frequent target of these batches."""
     correct = total = 0
+    counts: dict[int, int] = {}
     for batch in batches:
         batch = _to(batch, device)
         out = model(**batch)
@@ -85,7 +87,9 @@ def masked_accuracy(model: FlavaForPreTraining, batches, device: torch.device, h
             logits = gather_vocab_logits(logits, model.config.text.vocab_size)
         correct += int((logits.argmax(-1) == labels).sum())
         total += labels.numel()
-    return correct / max(total, 1)
+        for value, count in zip(*torch.unique(labels, return_counts=True)):
+            counts[int(value)] = counts.get(int(value), 0) + int(count)
+    return correct / max(total, 1), max(counts.values(), default=0) / max(total, 1)
 
 
 @torch.no_grad()
@@ -141,7 +145,7 @@ def evaluate(
         metrics.update(image_text_metrics(model, dataset, count, ev.batch_size, device))
         if model.config.mim_weight > 0:
             image_set = ImageDataset(path, ImageAugment(crop_size=crop, flip=False), seed=EVAL_SEED)
-            metrics["mim_accuracy"] = masked_accuracy(
+            metrics["mim_accuracy"], metrics["mim_baseline"] = masked_accuracy(
                 model, _batches(image_set, collate_image, count, ev.batch_size), device, "mim"
             )
     for path in ev.classification:
@@ -152,7 +156,7 @@ def evaluate(
         dataset = TextDataset(path, tokenizer, max_length=config.data.text_max_length)
         collate = TextCollator(tokenizer, EVAL_SEED, config.data.mlm_prob)
         count = min(ev.max_samples, len(dataset))
-        metrics["mlm_accuracy"] = masked_accuracy(
+        metrics["mlm_accuracy"], metrics["mlm_baseline"] = masked_accuracy(
             model, _batches(dataset, collate, count, ev.batch_size), device, "mlm"
         )
     model.train(was_training)
