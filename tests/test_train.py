@@ -172,3 +172,15 @@ def test_tensor_parallel_training_matches_single_process(data, tmp_path):
     assert sorted(losses[1]) == [1, 2, 3, 4]
     for step, loss in losses[1].items():
         assert abs(losses[2][step] - loss) < 1e-4, (step, losses[2][step], loss)
+
+
+@pytest.mark.parametrize("name", ["flava_full", "flava_c", "flava_mm", "unimodal_mlm", "unimodal_mim", "demo"])
+def test_shipped_run_configs_parse_and_build(name):
+    """Every shipped run YAML parses into a valid config whose model builds (on the meta device)."""
+    from flava_ds.model import FlavaConfig
+    from flava_ds.train.config import RunConfig
+
+    config = RunConfig.load(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
+    assert any(r > 0 for r in config.data.task_ratios.values())
+    with torch.device("meta"):
+        FlavaForPreTraining(FlavaConfig.preset(config.model.preset, **config.model.overrides))

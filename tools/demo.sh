@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The end-to-end demo behind `./run.sh`: bundled real data -> tokenizer -> the three preprocessors ->
 # DeepSpeed pretraining (2 CPU ranks, or the GPUs present) -> evaluation -> a summary table.
-#   DEMO_DIR (default runs/demo), DEMO_STEPS (default from configs/demo.yaml), DEMO_LIMIT (digits to use)
+#   DEMO_DIR (default runs/demo), DEMO_STEPS (default from configs/demo.yaml), DEMO_LIMIT (digits to use),
+#   DEMO_MICRO_BATCH (per rank, default 32), DEMO_OVERRIDES (extra --section.key=value run-config overrides)
 set -euo pipefail
+read -r -a DEMO_ARGS <<< "${DEMO_OVERRIDES:-}"
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 OUT=${DEMO_DIR:-runs/demo}
@@ -48,7 +50,7 @@ $PY -m deepspeed.launcher.runner --num_gpus "$NGPU" flava_ds/pretrain.py \
   --data.text.paths "[$SHARDS/text_train]" \
   --eval.image_text "[$SHARDS/pairs_heldout]" --eval.classification "[$SHARDS/images_heldout]" \
   --eval.text "[$SHARDS/text_heldout]" \
-  ${DEMO_STEPS:+--train-steps "$DEMO_STEPS"} 2>&1 | tee "$OUT/train.log" \
+  ${DEMO_STEPS:+--train-steps "$DEMO_STEPS"} "${DEMO_ARGS[@]}" 2>&1 | tee "$OUT/train.log" \
   | grep --line-buffered -v "FutureWarning\|return func\|warnings.warn" || true
 # DeepSpeed on CPU can abort a rank at exit after it finished; success = every rank's completion marker
 if [ "$(grep -c "flava_ds: training complete" "$OUT/train.log")" -ne "$NGPU" ]; then
