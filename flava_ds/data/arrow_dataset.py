@@ -33,6 +33,17 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_file(path: Path, entry: dict, verify_checksums: bool) -> None:
+    """A file against its manifest entry: present, the recorded size, and (on request) the recorded sha256."""
+    if not path.is_file():
+        raise ShardError(f"{path}: file listed in the manifest is missing")
+    size = path.stat().st_size
+    if size != entry["size"]:
+        raise ShardError(f"{path}: {size} bytes, the manifest records {entry['size']} (truncated or replaced?)")
+    if verify_checksums and _sha256(path) != entry["sha256"]:
+        raise ShardError(f"{path}: sha256 differs from the manifest (corrupt file)")
+
+
 def _read_manifests(directory: Path) -> list[dict]:
     paths = sorted(directory.glob("manifest*.json"))
     if not paths:
@@ -76,7 +87,7 @@ class ArrowShards:
         for shard in shards:
             for entry in shard["files"]:
                 path = self.directory / entry["name"]
-                self._check_file(path, entry, verify_checksums)
+                check_file(path, entry, verify_checksums)
                 reader = self._open(path)
                 rows = sum(reader.get_batch(b).num_rows for b in range(reader.num_record_batches))
                 if rows != shard["samples"]:
@@ -94,16 +105,6 @@ class ArrowShards:
         self._starts = np.concatenate([[0], np.cumsum(counts)]).tolist()
         self._readers: dict[int, tuple[pa.ipc.RecordBatchFileReader, list[int]]] = {}
         self._pid = os.getpid()
-
-    @staticmethod
-    def _check_file(path: Path, entry: dict, verify_checksums: bool) -> None:
-        if not path.is_file():
-            raise ShardError(f"{path}: shard listed in the manifest is missing")
-        size = path.stat().st_size
-        if size != entry["size"]:
-            raise ShardError(f"{path}: {size} bytes, the manifest records {entry['size']} (truncated or replaced?)")
-        if verify_checksums and _sha256(path) != entry["sha256"]:
-            raise ShardError(f"{path}: sha256 differs from the manifest (corrupt shard)")
 
     @staticmethod
     def _open(path: Path) -> pa.ipc.RecordBatchFileReader:

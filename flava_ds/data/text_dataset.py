@@ -11,6 +11,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from flava_ds.data.arrow_dataset import ShardError, check_file
 from flava_ds.data.masking import IGNORE_INDEX, mask_tokens
 from flava_ds.data.sampler import SampleKey, sample_rng
 from flava_ds.data.tokenizer import Tokenizer
@@ -58,14 +60,39 @@ def resolve_prefixes(paths: str | Path | Sequence[str | Path]) -> list[str]:
     return prefixes
 
 
-def recorded_tokenizer(prefix: str | Path) -> str | None:
-    """The tokenizer fingerprint `preprocess/text.py` recorded for a merged dataset (None without a manifest)."""
-    prefix = Path(prefix)
+def _merged_record(prefix: Path) -> dict | None:
+    """The manifest of `preprocess/text.py` that merged `prefix` (None for a bare prefix)."""
     for path in prefix.parent.glob("manifest*.json"):
         manifest = json.loads(path.read_text())
         if (manifest.get("merged") or {}).get("prefix") == prefix.name:
-            return manifest["fingerprints"].get("tokenizer")
+            return manifest
     return None
+
+
+def recorded_tokenizer(prefix: str | Path) -> str | None:
+    """The tokenizer fingerprint `preprocess/text.py` recorded for a merged dataset (None without a manifest)."""
+    manifest = _merged_record(Path(prefix))
+    return manifest["fingerprints"].get("tokenizer") if manifest else None
+
+
+def open_checked(prefix: str, verify_checksums: bool = False) -> IndexedDataset:
+    """Open `prefix`.bin/.idx after checking them against the manifest (sizes; sha256 on request) and each other.
+
+    The `.idx` must describe exactly the bytes of the `.bin` (its last sequence ends at the file's end), so a
+    truncated or mismatched pair fails here, naming the file, instead of reading garbage mid-training."""
+    manifest = _merged_record(Path(prefix))
+    for entry in (manifest or {}).get("merged", {}).get("files", []):
+        check_file(Path(prefix).parent / entry["name"], entry, verify_checksums)
+    try:
+        dataset = IndexedDataset(prefix)
+    except Exception as err:  # numpy / struct errors on a damaged index
+        raise ShardError(f"{prefix}.idx: not a readable indexed-dataset index: {err}") from None
+    index = dataset.index
+    end = int(index.sequence_pointers[-1] + index.sequence_lengths[-1] * index.dtype_size) if len(dataset) else 0
+    size = os.path.getsize(f"{prefix}.bin")
+    if end != size:
+        raise ShardError(f"{prefix}.bin: {size} bytes, but {prefix}.idx describes {end} (the pair disagrees)")
+    return dataset
 
 
 class TextDataset(Dataset):
@@ -74,7 +101,13 @@ class TextDataset(Dataset):
     `dataset[key]` takes an int or a `SampleKey` and returns {"input_ids": int64 array, "key": SampleKey}.
     """
 
-    def __init__(self, paths: str | Path | Sequence[str | Path], tokenizer: Tokenizer, max_length: int = 128):
+    def __init__(
+        self,
+        paths: str | Path | Sequence[str | Path],
+        tokenizer: Tokenizer,
+        max_length: int = 128,
+        verify_checksums: bool = False,
+    ):
         if max_length < 3:
             raise ValueError(f"max_length must be >= 3 ([CLS] + one token + [SEP]), got {max_length}")
         self.tokenizer = tokenizer
@@ -86,7 +119,7 @@ class TextDataset(Dataset):
                 raise ValueError(
                     f"{prefix} was tokenized with tokenizer {recorded}, but {tokenizer.path} is {tokenizer.fingerprint}"
                 )
-        self.datasets = [IndexedDataset(prefix) for prefix in self.prefixes]
+        self.datasets = [open_checked(prefix, verify_checksums) for prefix in self.prefixes]
         tables = [self._windows(ds.sequence_lengths, max_length - 2) for ds in self.datasets]
         self._dataset = np.concatenate([np.full(len(t[0]), j, dtype=np.int64) for j, t in enumerate(tables)])
         self._sequence, self._start, self._stop = (np.concatenate(cols) for cols in zip(*tables))
@@ -112,6 +145,8 @@ class TextDataset(Dataset):
         start, stop = int(self._start[i]), int(self._stop[i])
         tokens = self.datasets[self._dataset[i]].get(int(self._sequence[i]), offset=start, length=stop - start)
         tok = self.tokenizer
+        if tokens.size and int(tokens.max()) >= tok.vocab_size:  # corrupt bytes: the model would index out of range
+            raise ValueError(f"sample {i}: token id {int(tokens.max())} >= vocab size {tok.vocab_size}")
         input_ids = np.concatenate([[tok.cls_id], tokens.astype(np.int64), [tok.sep_id]])
         return {"input_ids": input_ids, "key": key}
 

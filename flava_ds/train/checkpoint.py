@@ -3,6 +3,11 @@
 A run killed mid-save leaves a partial `global_stepN/` directory that `latest` never names, so a
 resume always starts from the last complete checkpoint. The trainer's own state (step, data
 position, RNG) rides in DeepSpeed's client state.
+
+DeepSpeed reads its checkpoint files with ``torch.load(weights_only=False)`` (0.19.8 has no switch for it),
+i.e. unpickling can run code. Before handing a checkpoint to DeepSpeed (resume, export), ``check_pickles``
+lists the globals every ``.pt`` file would import, without unpickling it, and refuses any outside
+the set DeepSpeed's own checkpoints use, so a tampered checkpoint is refused instead of executed.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import os
 import random
 import re
 import shutil
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +26,53 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from flava_ds.train.faults import FAULTS
+
 LATEST = "latest"
 MODEL_CONFIG = "flava_config.json"
 _TAG = re.compile(r"^global_step(\d+)$")
+# Globals beyond torch's weights_only set that DeepSpeed checkpoints (ZeRO 0-3, fp32/bf16/fp16) and our client
+# state (numpy RNG state) contain; every one is a plain data class or numpy's array reconstruction.
+TRUSTED_GLOBALS = frozenset(
+    {
+        "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+        "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+        "deepspeed.runtime.zero.config.ZeroStageEnum",
+        "deepspeed.utils.tensor_fragment.fragment_address",
+        "deepspeed.checkpoint.constants.PARAM_SHAPES",
+        "numpy.dtype",
+        "numpy.ndarray",
+        "numpy.core.multiarray._reconstruct",
+        "numpy._core.multiarray._reconstruct",
+        "numpy.core.multiarray.scalar",
+        "numpy._core.multiarray.scalar",
+    }
+)
+
+
+class UntrustedCheckpointError(RuntimeError):
+    """A checkpoint file whose pickle would import something DeepSpeed's own checkpoints never do."""
+
+
+def check_pickles(directory: str | Path, extra_trusted: Iterable[str] = ()) -> None:
+    """Refuse `directory` if any of its `.pt` files would import a global outside TRUSTED_GLOBALS.
+
+    Only the pickle's opcodes are read (torch's own scanner): nothing is imported or executed."""
+    trusted = TRUSTED_GLOBALS | set(extra_trusted)
+    for path in sorted(Path(directory).glob("*.pt")):
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception as err:  # not a torch zip file at all: DeepSpeed would unpickle it raw
+            raise UntrustedCheckpointError(
+                f"{path}: not a torch checkpoint archive ({err}); refusing to load it"
+            ) from err
+        unknown = sorted(set(found) - trusted)
+        if unknown:
+            raise UntrustedCheckpointError(
+                f"{path}: the pickle imports {unknown}, which DeepSpeed checkpoints never contain; refusing to "
+                "load it (it could run code). If you wrote this checkpoint yourself with another DeepSpeed "
+                "version, list the names in checkpoint.trusted_globals."
+            )
 
 
 def tag_for(step: int) -> str:
@@ -75,6 +126,8 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict[str, Any], 
     tag = tag_for(step)
     engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
+    if FAULTS.save_delay_s:  # fault injection: hold the window between the files and `latest`
+        time.sleep(FAULTS.save_delay_s)
     if dist.get_rank() == 0:  # the model config as JSON, so exporting needs no unpickling
         (save_dir / tag / MODEL_CONFIG).write_text(json.dumps(client_state["flava_config"], indent=2))
         publish_latest(save_dir, tag)
@@ -83,11 +136,12 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict[str, Any], 
     return save_dir / tag
 
 
-def load(engine, load_dir: str | Path) -> dict[str, Any] | None:
+def load(engine, load_dir: str | Path, trusted_globals: Iterable[str] = ()) -> dict[str, Any] | None:
     """Resume from `latest` in `load_dir`; None when there is nothing to resume from."""
     tag = read_latest(load_dir)
     if tag is None:
         return None
+    check_pickles(Path(load_dir) / tag, trusted_globals)
     path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"{load_dir}/{tag}: DeepSpeed could not load this checkpoint")
@@ -103,6 +157,7 @@ def export(save_dir: str | Path, output: str | Path, tag: str | None = None) -> 
     tag = tag or read_latest(save_dir)
     if tag is None:
         raise FileNotFoundError(f"{save_dir}: no '{LATEST}' file; pass the checkpoint tag explicitly")
+    check_pickles(Path(save_dir) / tag)
     config = FlavaConfig.from_dict(json.loads((Path(save_dir) / tag / MODEL_CONFIG).read_text()))
     tp_ranks = sorted((Path(save_dir) / tag).glob("mp_rank_*_model_states.pt"))
     if len(tp_ranks) > 1:

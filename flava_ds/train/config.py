@@ -63,6 +63,10 @@ class DataSection:
     itm_negative_prob: float = 0.1
     num_workers: int = 2
     seed: int = 1234
+    verify_checksums: bool = False  # sha256 of every shard against its manifest at start-up (sizes are always checked)
+    # samples that fail to read or decode are replaced and counted; more than this fraction of the samples read
+    # stops the run (checked once 1/fraction samples were read, so one early bad sample cannot stop it)
+    max_bad_sample_fraction: float = 0.001
 
 
 @dataclass
@@ -102,6 +106,7 @@ class CheckpointSection:
     save: str | None = None
     load: str | None = None
     keep_last: int = 3
+    trusted_globals: list[str] = field(default_factory=list)  # extra pickle globals allowed in DeepSpeed files
 
 
 @dataclass
@@ -270,6 +275,8 @@ def validate(config: RunConfig, ds_config: dict[str, Any], world_size: int) -> t
                 raise ConfigError(f"eval.{key}: {p} does not exist")
     if config.train.steps < 1 or config.train.log_interval < 1:
         raise ConfigError("train.steps and train.log_interval must be >= 1")
+    if not 0.0 <= config.data.max_bad_sample_fraction <= 1.0:
+        raise ConfigError(f"data.max_bad_sample_fraction must be in [0, 1], got {config.data.max_bad_sample_fraction}")
     if config.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last must be >= 1")
     return micro, accum, total

@@ -4,23 +4,47 @@ Micro-step m of the run trains the task `mixer.task_for_step(m)` on every rank; 
 sampler hands this rank its share of the stream's next global batch (micro x data-parallel size)
 and moves on only when the trainer calls `advance(task)`. The whole position is
 `state_dict()`, saved in every checkpoint.
+
+Every dataset is wrapped in `TolerantDataset` (a sample that fails to decode is replaced and counted; each
+batch carries the count as `bad_samples`), and loader workers ignore SIGTERM/SIGUSR1: SLURM signals every
+process of a job, and only the trainer decides when to stop (a dead worker would abort the checkpoint).
 """
 
 from __future__ import annotations
 
+import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 
+from flava_ds.data.arrow_dataset import ArrowShards
 from flava_ds.data.image_text import ImageAugment, ImageDataset, ImageTextDataset, collate_image
 from flava_ds.data.sampler import BlendedDataset, DataPosition, ResumableDistributedSampler, TaskMixer
 from flava_ds.data.text_dataset import TextCollator, TextDataset
 from flava_ds.data.tokenizer import Tokenizer
+from flava_ds.data.tolerant import BAD_SAMPLES, TolerantDataset
 from flava_ds.train.config import DataSection, StreamConfig
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class CountingCollate:
+    """The stream's collator plus `bad_samples`: how many reads in this batch failed and were replaced."""
+
+    def __init__(self, collate: Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]):
+        self.collate = collate
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collate(samples)
+        batch[BAD_SAMPLES] = torch.tensor(sum(s.get(BAD_SAMPLES, 0) for s in samples))
+        return batch
 
 
 @dataclass
@@ -39,6 +63,7 @@ class Stream:
                 collate_fn=self.collate,
                 num_workers=self.num_workers,
                 prefetch_factor=4 if self.num_workers else None,
+                worker_init_fn=_ignore_stop_signals if self.num_workers else None,
             )
             self._iterator = iter(loader)
         return next(self._iterator)
@@ -61,7 +86,8 @@ class TrainStreams:
         self.streams: dict[str, Stream] = {}
         for task in self.mixer.tasks:
             datasets = [self._dataset(task, path, data, tokenizer, crop_size) for path in getattr(data, task).paths]
-            collate = self._collator(task, datasets[0], data, tokenizer)
+            collate = CountingCollate(self._collator(task, datasets[0], data, tokenizer))
+            datasets = [TolerantDataset(d, f"{task} {p}") for d, p in zip(datasets, getattr(data, task).paths)]
             dataset, source = self._blend(datasets, getattr(data, task), data.seed)
             sampler = ResumableDistributedSampler(source, micro_batch, dp_rank=dp_rank, dp_size=dp_size, seed=data.seed)
             self.streams[task] = Stream(dataset, collate, sampler, data.num_workers)
@@ -71,18 +97,19 @@ class TrainStreams:
     @staticmethod
     def _dataset(task: str, path: str, data: DataSection, tokenizer: Tokenizer | None, crop: int):
         augment = ImageAugment(crop_size=crop)
+        if task == "text":
+            return TextDataset(path, tokenizer, max_length=data.text_max_length, verify_checksums=data.verify_checksums)
+        shards = ArrowShards(path, verify_checksums=data.verify_checksums)
         if task == "image_text":
             return ImageTextDataset(
-                path,
+                shards,
                 tokenizer,
                 augment,
                 seed=data.seed,
                 itm_negative_prob=data.itm_negative_prob,
                 mlm_prob=data.mlm_prob,
             )
-        if task == "image":
-            return ImageDataset(path, augment, seed=data.seed)
-        return TextDataset(path, tokenizer, max_length=data.text_max_length)
+        return ImageDataset(shards, augment, seed=data.seed)
 
     @staticmethod
     def _collator(task: str, dataset, data: DataSection, tokenizer: Tokenizer | None):
@@ -108,6 +135,11 @@ class TrainStreams:
         batch = self.streams[task].next_batch()
         self.wait_seconds += time.perf_counter() - start
         return batch
+
+    def current_keys(self, task: str) -> list:
+        """The SampleKeys of this rank's batch at the stream's current position (what next_batch returned)."""
+        sampler = self.streams[task].sampler
+        return sampler.micro_batch(sampler.consumed_samples)
 
     def advance(self, task: str) -> None:
         self.streams[task].sampler.advance()

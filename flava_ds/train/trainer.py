@@ -3,7 +3,8 @@
 One optimizer step = `gradient_accumulation_steps` micro-steps; micro-step m (counted over the whole
 run) trains task `streams.task(m)` on every rank. Per-step losses are averaged over the data-parallel
 group and written to the metrics file; every log interval TensorBoard gets each loss term per batch
-kind, lr, grad norm, logit scale, loss scale, throughput, TFLOP/s, MFU, data wait and memory.
+kind, lr, grad norm, logit scale, loss scale, throughput, TFLOP/s, MFU, data wait, memory, skipped
+updates and bad samples. What survives kills, signals, bad data and non-finite steps: docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from flava_ds.data.tokenizer import Tokenizer
+from flava_ds.data.tolerant import BAD_SAMPLES
 from flava_ds.model import LOSS_NAMES, FlavaConfig, FlavaForPreTraining
 from flava_ds.parallel.state import (
     DeepSpeedMPU,
@@ -35,6 +37,7 @@ from flava_ds.parallel.state import (
 )
 from flava_ds.train import checkpoint
 from flava_ds.train.config import RunConfig
+from flava_ds.train.faults import FAULTS, log_samples
 from flava_ds.train.flops import batch_flops, batch_tokens, peak_tflops
 from flava_ds.train.init import initialize_from_checkpoints
 from flava_ds.train.streams import TrainStreams
@@ -45,6 +48,10 @@ COMPLETE_MARKER = "flava_ds: training complete"
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class BadSampleError(RuntimeError):
+    """More samples failed to decode than data.max_bad_sample_fraction allows."""
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: list[str]) -> list[dict[str, Any]]:
@@ -140,6 +147,8 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_row = 0
         self.skipped_steps = 0
+        self.bad_samples = 0  # over all data-parallel ranks, since step 0
+        self._bad_local = 0  # this rank, since the last reduction
         if config.checkpoint.load:
             self._resume(config.checkpoint.load)
 
@@ -159,6 +168,7 @@ class Trainer:
             "data": self.streams.state_dict(),
             "rng": checkpoint.rng_state(),
             "skipped_steps": self.skipped_steps,
+            "bad_samples": self.bad_samples,
             "run_config": self.config.to_dict(),
             "flava_config": self.model_config.to_dict(),
             "universal_checkpoint_info": {"universal_checkpoint_version": 0.2},
@@ -171,12 +181,13 @@ class Trainer:
         log.info("saved checkpoint %s", path)
 
     def _resume(self, load_dir: str) -> None:
-        state = checkpoint.load(self.engine, load_dir)
+        state = checkpoint.load(self.engine, load_dir, self.config.checkpoint.trusted_globals)
         if state is None:
             log.info("nothing to resume in %s: starting from step 0", load_dir)
             return
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.bad_samples = int(state.get("bad_samples", 0))
         self.streams.load_state_dict(state["data"])
         checkpoint.set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", load_dir, self.step)
@@ -188,8 +199,12 @@ class Trainer:
         while self.step < cfg.steps:
             step_loss = self._train_step(window)
             self.step += 1
-            flags = torch.tensor([float(self.stop.requested or self.step == cfg.exit_at_step)])
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            # one reduction: any rank asked to stop (signal, exit_at_step), and this step's bad samples
+            flags = torch.tensor([float(self.stop.requested or self.step == cfg.exit_at_step), self._bad_local])
+            dist.all_reduce(flags)
+            self._bad_local = 0
+            self._count_bad_samples(int(flags[1].item()) // self.config.train.tensor_parallel_size)
+            stop = bool(flags[0].item())
             self._write_metrics({"step": self.step, "loss": step_loss})
             if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
                 self._log(window)
@@ -197,15 +212,29 @@ class Trainer:
             if cfg.eval_interval and self.step % cfg.eval_interval == 0 and self.step < cfg.steps:
                 self.evaluate()
             if self.config.checkpoint.save and (
-                (cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == cfg.steps or flags.item()
+                (cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == cfg.steps or stop
             ):
                 self.save()
-            if flags.item():
+            if stop:
                 log.warning("stopped at step %d (signal or train.exit_at_step) after saving", self.step)
                 return
         self.evaluate()
         if self.tb is not None:
             self.tb.close()
+
+    def _count_bad_samples(self, new: int) -> None:
+        """Stop once bad samples exceed data.max_bad_sample_fraction of those read (after 1/fraction reads)."""
+        self.bad_samples += new
+        if not self.bad_samples:
+            return
+        fraction = self.config.data.max_bad_sample_fraction
+        read = self.step * self.accum * self.micro * self.dp_size
+        if self.bad_samples > fraction * read and (fraction == 0 or read * fraction >= 1):
+            raise BadSampleError(
+                f"{self.bad_samples} of {read} samples failed to decode by step {self.step} (more than "
+                f"data.max_bad_sample_fraction={fraction}); stopping with the last checkpoint intact. The first "
+                "failures are named in the log; check the shards with data.verify_checksums: true."
+            )
 
     def _train_step(self, window: _Window) -> float:
         step_start, wait_start = time.perf_counter(), self.streams.wait_seconds
@@ -213,8 +242,12 @@ class Trainer:
         for micro in range(self.accum):
             micro_step = self.step * self.accum + micro
             task = self.streams.task(micro_step)
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in self.streams.next_batch(task).items()}
+            batch = self.streams.next_batch(task)
+            self._bad_local += int(batch.pop(BAD_SAMPLES))
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             out = self.engine(**batch)
+            if FAULTS.nan_steps and self.step + 1 in FAULTS.nan_steps:
+                out.loss = out.loss * float("nan")
             finite = torch.tensor([float(torch.isfinite(out.loss).item())])
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank takes the same decision
             if finite.item() == 0:
@@ -229,6 +262,8 @@ class Trainer:
             self.engine.step()
             if micro == self.accum - 1:
                 self._clear_stale_zero3_gradients()
+            if FAULTS.sample_log:
+                log_samples(self.rank, self.step + 1, micro, task, self.streams.current_keys(task))
             self.streams.advance(task)
             losses.append(out.loss.detach().float())
             window.add(task, out, batch, self.model_config)
@@ -293,6 +328,7 @@ class Trainer:
                 "throughput/data_wait_fraction": window.wait / max(window.seconds, 1e-9),
                 "memory/peak_mib": _peak_memory_mib(),
                 "skipped_steps": float(self.skipped_steps),
+                "data/bad_samples": float(self.bad_samples),
             }
         )
         grad_norm = self.engine.get_global_grad_norm()  # None where DeepSpeed does not compute it (ZeRO-0)

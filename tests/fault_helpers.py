@@ -1,0 +1,90 @@
+"""Running `deepspeed flava_ds/pretrain.py` as a background process group that tests can signal and kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psutil
+
+from tests.train_fixtures import ROOT, _free_port
+
+
+class Run:
+    """One launcher (runner -> deepspeed.launcher.launch -> ranks) in its own session, output in a log file."""
+
+    def __init__(self, nproc: int, log: Path, *args: str, env: dict[str, str] | None = None):
+        self.nproc, self.log = nproc, log
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(nproc),
+            "--master_port",
+            str(_free_port()),
+            str(ROOT / "flava_ds" / "pretrain.py"),
+            *args,
+        ]
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        with open(log, "w") as out:
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True
+            )
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float = 120.0, poll: float = 0.01) -> None:
+        """Poll `condition`; fail if the run ends or the time runs out first."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"run ended (rc {self.proc.returncode}) before the condition:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"condition not met within {timeout} s:\n{self.tail()}")
+            time.sleep(poll)
+
+    def wait(self, timeout: float = 300.0) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: launcher, ranks and loader workers die at once (a node failure)."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(30)
+
+    def launcher(self) -> psutil.Process:
+        """The deepspeed.launcher.launch process, which forwards SIGINT/SIGTERM to the ranks."""
+        for child in psutil.Process(self.proc.pid).children():
+            if "deepspeed.launcher.launch" in " ".join(child.cmdline()):
+                return child
+        raise AssertionError("no deepspeed.launcher.launch process")
+
+    def ranks(self) -> list[psutil.Process]:
+        ranks = self.launcher().children()
+        assert len(ranks) == self.nproc, ranks
+        return ranks
+
+    def signal_ranks(self, signum: int) -> None:
+        """Signal every rank and its descendants (loader workers), as SLURM signals all processes of a job step."""
+        for rank in self.ranks():
+            for process in [rank, *rank.children(recursive=True)]:
+                process.send_signal(signum)
+
+    def tail(self, chars: int = 4000) -> str:
+        return self.output()[-chars:]
+
+
+def last_step(metrics: Path) -> int:
+    """The last step with a loss in a metrics file (0 when none yet)."""
+    if not metrics.is_file():
+        return 0
+    complete = metrics.read_text().split("\n")[:-1]  # the file may be mid-append
+    steps = [json.loads(line)["step"] for line in complete if '"loss"' in line]
+    return max(steps, default=0)
