@@ -52,6 +52,17 @@ from flava_ds.train.flops import batch_flops, peak_tflops
 
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("image_text", "image", "text")
+# what both models take; loaders may add bookkeeping fields (e.g. counts of skipped samples)
+MODEL_INPUTS = (
+    "input_ids",
+    "input_ids_masked",
+    "attention_mask",
+    "pixel_values",
+    "bool_masked_pos",
+    "mim_labels",
+    "mlm_labels",
+    "itm_labels",
+)
 WORDS = (
     "a man woman child dog cat sits stands runs on in near the red blue green old new small large street "
     "beach field table car bike boat house tree sky water park city window with under over two three"
@@ -59,7 +70,9 @@ WORDS = (
 
 
 # ---- data ---------------------------------------------------------------------------------------------
-def make_shards(root: Path, stored_size: int, pairs: int, docs: int, seed: int = 0) -> dict[str, Path]:
+def make_shards(
+    root: Path, stored_size: int, pairs: int, docs: int, workers: int = 1, seed: int = 0
+) -> dict[str, Path]:
     """Image-text, image-only and text shards made by the real preprocess tools (tiny random dVAE).
 
     Captions are 4-40 words (ragged, so dynamic padding is exercised); images are stored at `stored_size`."""
@@ -99,7 +112,15 @@ def make_shards(root: Path, stored_size: int, pairs: int, docs: int, seed: int =
         capture_output=True,
     )
     tokenizer = str(root / "tokenizer.json")
-    common = ["--codebook", "random:0:tiny", "--image-size", str(stored_size), "--workers", "1", "--no-progress"]
+    common = [
+        "--codebook",
+        "random:0:tiny",
+        "--image-size",
+        str(stored_size),
+        "--workers",
+        str(workers),
+        "--no-progress",
+    ]
     checks = [
         prep_pairs.main(
             [
@@ -213,13 +234,11 @@ def build_engine(model: torch.nn.Module, config: dict[str, Any], lr: float):
     return engine
 
 
-def build_transformers(ours: FlavaForPreTraining, device: torch.device, lr: float):
-    """transformers' FlavaForPreTraining with our initial weights (exported and loaded back), fp32 master weights."""
+def build_transformers(directory: Path, device: torch.device, lr: float):
+    """transformers' FlavaForPreTraining from our exported initial weights (fp32 weights, plain AdamW)."""
     import transformers
 
-    with tempfile.TemporaryDirectory() as tmp:
-        ours.save_hf_pretrained(tmp)
-        model = transformers.FlavaForPreTraining.from_pretrained(tmp).to(device).train()
+    model = transformers.FlavaForPreTraining.from_pretrained(directory).to(device).train()
     return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
 
 
@@ -239,6 +258,10 @@ def peak_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in MODEL_INPUTS}
 
 
 def our_step(engine, batch: dict[str, torch.Tensor]) -> float:
@@ -273,7 +296,7 @@ def train_phase(
         task = streams.task(step)
         sync(device)
         start, wait_before = time.perf_counter(), streams.wait_seconds
-        batch = {k: v.to(device, non_blocking=True) for k, v in streams.next_batch(task).items()}
+        batch = model_inputs(streams.next_batch(task), device)
         loss = our_step(engine, batch)
         sync(device)
         seconds = time.perf_counter() - start
@@ -301,29 +324,37 @@ def train_phase(
 def compare_phase(
     engine, theirs, streams, device: torch.device, steps: int, warmup: int, clip: float, autocast
 ) -> dict[str, Any]:
-    """The same loader batches through both models, alternating; data wait is not part of either time."""
+    """The same loader batches through both models, alternating; data wait is not part of either time.
+    GPU memory: the most one step allocates on top of what was resident before it (both models stay loaded)."""
     model, optimizer = theirs
     times: dict[str, list[float]] = {"flava_ds": [], "transformers": []}
     memory: dict[str, float] = {"flava_ds": 0.0, "transformers": 0.0}
     losses: dict[str, float] = {}
     for step in range(warmup + steps):
         task = streams.task(step)
-        batch = {k: v.to(device) for k, v in streams.next_batch(task).items()}
+        batch = model_inputs(streams.next_batch(task), device)
         streams.advance(task)
         order = ("flava_ds", "transformers") if step % 2 == 0 else ("transformers", "flava_ds")
         for name in order:  # alternate who goes first
             sync(device)
             reset_peak(device)
+            resident = torch.cuda.memory_allocated() if device.type == "cuda" else 0
             start = time.perf_counter()
-            if name == "flava_ds":
-                losses[name] = our_step(engine, batch)
-            else:  # transformers edits mim_labels in place: it gets its own copy
-                losses[name] = their_step(model, optimizer, {k: v.clone() for k, v in batch.items()}, clip, autocast)
-            sync(device)
+            try:
+                if name == "flava_ds":
+                    losses[name] = our_step(engine, batch)
+                else:  # transformers edits mim_labels in place: it gets its own copy
+                    batch_copy = {k: v.clone() for k, v in batch.items()}
+                    losses[name] = their_step(model, optimizer, batch_copy, clip, autocast)
+                sync(device)
+            except torch.OutOfMemoryError:
+                optimizer.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                return {"error": f"{name} ran out of memory at batch {next(iter(batch.values())).shape[0]}"}
             if step >= warmup:
                 times[name].append(time.perf_counter() - start)
                 if device.type == "cuda":
-                    memory[name] = max(memory[name], peak_mib(device))
+                    memory[name] = max(memory[name], (torch.cuda.max_memory_allocated() - resident) / 2**20)
     med = {name: median(t) for name, t in times.items()}
     result: dict[str, Any] = {
         "steps": len(times["flava_ds"]),
@@ -336,8 +367,8 @@ def compare_phase(
     }
     if device.type == "cuda":
         result.update(
-            flava_ds_peak_mib=memory["flava_ds"],
-            transformers_peak_mib=memory["transformers"],
+            flava_ds_step_mib=memory["flava_ds"],
+            transformers_step_mib=memory["transformers"],
             memory_ratio=memory["flava_ds"] / memory["transformers"],
         )
     return result
@@ -390,9 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zero", type=int, choices=(0, 1, 2, 3), default=0, help="ZeRO stage (ds_configs/zeroN.json)")
     parser.add_argument("--attn-impl", default="sdpa", choices=("sdpa", "eager", "triton"))
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="FlavaConfig.compile: torch.compile our blocks")
     parser.add_argument("--kinds", default="image_text,image,text,mix", help="comma-separated; 'mix' = --mix ratios")
     parser.add_argument("--mix", type=parse_mix, default=dict.fromkeys(KINDS, 1.0), help="e.g. image_text=2,text=1")
     parser.add_argument("--steps", type=int, default=6, help="measured train-phase steps per kind")
+    parser.add_argument("--compare-batch", type=int, help="batch of the comparison (default: --batch)")
     parser.add_argument("--compare-steps", type=int, default=4, help="measured steps per model and kind (0: skip)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps before each phase")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per stream")
@@ -416,7 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     init_process_group(device)
     torch.manual_seed(0)
     cfg = FlavaConfig.preset(
-        args.preset, attn_impl=args.attn_impl, activation_checkpointing=args.activation_checkpointing
+        args.preset,
+        attn_impl=args.attn_impl,
+        activation_checkpointing=args.activation_checkpointing,
+        compile=args.compile,
     )
     peak = peak_tflops(args.peak_tflops)
     crop = cfg.image.image_size
@@ -427,10 +463,16 @@ def main(argv: list[str] | None = None) -> int:
         return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    text_length = min(args.text_max_length, cfg.text.max_position_embeddings)
     with tempfile.TemporaryDirectory() as tmp:
-        shards = existing_shards(args.data) if args.data else make_shards(Path(tmp), crop + 32, args.pairs, 64)
+        shards = (
+            existing_shards(args.data)
+            if args.data
+            else make_shards(Path(tmp), crop + 32, args.pairs, 64, workers=min(4, os.cpu_count() or 1))
+        )
         model = FlavaForPreTraining(cfg)
-        theirs = build_transformers(model, device, args.lr) if args.compare_steps > 0 else None
+        if args.compare_steps > 0:  # transformers starts from these weights; loaded only after the train phases
+            model.save_hf_pretrained(Path(tmp) / "hf_init")
         engine = build_engine(model, ds_config(args.zero, precision, args.batch, args.clip), args.lr)
         report: dict[str, Any] = {
             "date": time.strftime("%Y-%m-%d"),
@@ -441,26 +483,31 @@ def main(argv: list[str] | None = None) -> int:
             "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
             "preset": args.preset,
             "batch": args.batch,
+            "compare_batch": args.compare_batch or args.batch,
             "precision": precision,
             "zero": args.zero,
             "attn_impl": args.attn_impl,
+            "compile": args.compile,
             "workers": args.workers,
             "peak_tflops": peak,
             "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "kinds": {},
+            "kinds": {kind: {"ratios": args.mix if kind == "mix" else {kind: 1.0}} for kind in kinds},
         }
-        for kind in kinds:
-            ratios = args.mix if kind == "mix" else {kind: 1.0}
-            text_length = min(args.text_max_length, cfg.text.max_position_embeddings)
-            streams = make_streams(shards, ratios, crop, args.batch, args.workers, text_length)
-            result: dict[str, Any] = {"ratios": ratios}
+        for kind, result in report["kinds"].items():  # our engine alone: its memory is not mixed with theirs
+            streams = make_streams(shards, result["ratios"], crop, args.batch, args.workers, text_length)
             result["train"] = train_phase(engine, streams, cfg, device, args.steps, args.warmup, peak)
-            if theirs is not None:
+            print_train(kind, result["train"])
+            del streams  # stops its loader workers
+        if args.compare_steps > 0:
+            theirs = build_transformers(Path(tmp) / "hf_init", device, args.lr)
+            for kind, result in report["kinds"].items():
+                compare_batch = args.compare_batch or args.batch
+                streams = make_streams(shards, result["ratios"], crop, compare_batch, args.workers, text_length)
                 result["compare"] = compare_phase(
                     engine, theirs, streams, device, args.compare_steps, args.warmup, args.clip, autocast
                 )
-            report["kinds"][kind] = result
-            print_kind(kind, result, flush=True)
+                print_compare(kind, result["compare"])
+                del streams
         if args.gather:
             probe = gather_probe(engine, cfg, args.batch, device, repeats=20)
             step = report["kinds"].get("image_text", {}).get("train", {}).get("step_s_median")
@@ -477,24 +524,31 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def print_kind(kind: str, result: dict[str, Any], flush: bool) -> None:
-    t = result["train"]
+def print_train(kind: str, t: dict[str, Any]) -> None:
     mfu = f"{100 * t['mfu']:.1f}%" if t["mfu"] is not None else "n/a"
     print(
         f"[{kind}] train: {t['samples_per_s']:.2f} samples/s, step {t['step_s_median']:.3f} s (median of "
-        f"{t['steps']}), {t['tflops']:.3f} TFLOP/s, MFU {mfu}, data wait {100 * t['data_wait_fraction']:.2f}%, "
+        f"{t['steps']}), {t['tflops']:.4g} TFLOP/s, MFU {mfu}, data wait {100 * t['data_wait_fraction']:.2f}%, "
         f"peak {t['peak_mib']:.0f} MiB",
-        flush=flush,
+        flush=True,
     )
-    c = result.get("compare")
-    if c:
-        mem = f", peak memory ratio {c['memory_ratio']:.3f}x" if "memory_ratio" in c else ""
-        print(
-            f"[{kind}] compare: flava_ds {c['flava_ds_step_s_median']:.3f} s vs transformers "
-            f"{c['transformers_step_s_median']:.3f} s median step -> ratio {c['time_ratio']:.3f}x{mem} "
-            f"(runs {c['flava_ds_runs']} vs {c['transformers_runs']})",
-            flush=flush,
-        )
+
+
+def print_compare(kind: str, c: dict[str, Any]) -> None:
+    if "error" in c:
+        print(f"[{kind}] compare: {c['error']}", flush=True)
+        return
+    mem = (
+        f", step memory {c['flava_ds_step_mib']:.0f} vs {c['transformers_step_mib']:.0f} MiB ({c['memory_ratio']:.3f}x)"
+        if "memory_ratio" in c
+        else ""
+    )
+    print(
+        f"[{kind}] compare: flava_ds {c['flava_ds_step_s_median']:.3f} s vs transformers "
+        f"{c['transformers_step_s_median']:.3f} s median step -> ratio {c['time_ratio']:.3f}x{mem} "
+        f"(runs {c['flava_ds_runs']} vs {c['transformers_runs']})",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
