@@ -302,22 +302,35 @@ def train_phase(
         seconds = time.perf_counter() - start
         streams.advance(task)
         if step >= warmup:
-            samples = next(iter(batch.values())).shape[0]
+            mask = batch.get("attention_mask")
             records.append(
-                (task, seconds, streams.wait_seconds - wait_before, batch_flops(cfg, task, batch), samples, loss)
+                {
+                    "task": task,
+                    "seconds": seconds,
+                    "wait": streams.wait_seconds - wait_before,
+                    "flops": batch_flops(cfg, task, batch),
+                    "samples": next(iter(batch.values())).shape[0],
+                    "text_slots": 0 if mask is None else mask.numel(),
+                    "text_tokens": 0 if mask is None else int(mask.sum()),
+                    "loss": loss,
+                }
             )
-    seconds = sum(r[1] for r in records)
-    tflops = sum(r[3] for r in records) / seconds / 1e12
+    total = {key: sum(r[key] for r in records) for key in ("seconds", "wait", "flops", "samples", "text_slots")}
+    tflops = total["flops"] / total["seconds"] / 1e12
     return {
         "steps": len(records),
-        "tasks": {t: sum(r[0] == t for r in records) for t in KINDS if any(r[0] == t for r in records)},
-        "samples_per_s": sum(r[4] for r in records) / seconds,
-        "step_s_median": median([r[1] for r in records]),
+        "tasks": {t: n for t in KINDS if (n := sum(r["task"] == t for r in records))},
+        "samples_per_s": total["samples"] / total["seconds"],
+        "step_s_median": median([r["seconds"] for r in records]),
         "tflops": tflops,
         "mfu": tflops / peak if peak else None,
-        "data_wait_fraction": sum(r[2] for r in records) / seconds,
+        "data_wait_fraction": total["wait"] / total["seconds"],
+        # text positions that are padding (dynamic padding to the longest caption/window of each batch)
+        "text_padding_fraction": 1 - sum(r["text_tokens"] for r in records) / total["text_slots"]
+        if total["text_slots"]
+        else None,
         "peak_mib": peak_mib(device),
-        "last_loss": records[-1][5] if records else None,
+        "last_loss": records[-1]["loss"] if records else None,
     }
 
 
@@ -529,7 +542,7 @@ def print_train(kind: str, t: dict[str, Any]) -> None:
     print(
         f"[{kind}] train: {t['samples_per_s']:.2f} samples/s, step {t['step_s_median']:.3f} s (median of "
         f"{t['steps']}), {t['tflops']:.4g} TFLOP/s, MFU {mfu}, data wait {100 * t['data_wait_fraction']:.2f}%, "
-        f"peak {t['peak_mib']:.0f} MiB",
+        f"peak {t['peak_mib']:.0f} MiB, text padding {100 * (t['text_padding_fraction'] or 0):.1f}%",
         flush=True,
     )
 

@@ -73,6 +73,9 @@ class FlavaConfig:
     global_backprop_contrastive: bool = True  # False = CLIP-style local gradients (paper ablation)
     attn_impl: str = "sdpa"
     activation_checkpointing: bool = False
+    # torch.compile each transformer block (inductor fuses the norms, GELU, residual adds and attention reshapes
+    # around the matmuls): faster steady state for a one-off compile per shape; see docs/BENCHMARKS.md
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name, cls in (("image", ImageConfig), ("text", TextConfig), ("multimodal", MultimodalConfig)):

@@ -31,7 +31,7 @@ class ImageEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.hidden_size))
-        self.encoder = Encoder(c, config.attn_impl, config.activation_checkpointing)
+        self.encoder = Encoder(c, config.attn_impl, config.activation_checkpointing, config.compile)
         self.final_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.pooler = _frozen_pooler(c.hidden_size)
 
@@ -54,7 +54,7 @@ class TextEncoder(nn.Module):
         self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.embed_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.encoder = Encoder(c, config.attn_impl, config.activation_checkpointing)
+        self.encoder = Encoder(c, config.attn_impl, config.activation_checkpointing, config.compile)
         self.final_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.pooler = _frozen_pooler(c.hidden_size)
 
@@ -73,7 +73,7 @@ class MultimodalEncoder(nn.Module):
         super().__init__()
         c = config.multimodal
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
-        self.encoder = Encoder(c, config.attn_impl, config.activation_checkpointing)
+        self.encoder = Encoder(c, config.attn_impl, config.activation_checkpointing, config.compile)
         self.final_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.pooler = _frozen_pooler(c.hidden_size)
 

@@ -47,9 +47,12 @@ class Block(nn.Module):
 class Encoder(nn.Module):
     """A stack of blocks; returns the last hidden state BEFORE the final LayerNorm (FLAVA fuses those)."""
 
-    def __init__(self, cfg: EncoderConfig, attn_impl: str, activation_checkpointing: bool):
+    def __init__(self, cfg: EncoderConfig, attn_impl: str, activation_checkpointing: bool, compile: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(Block(cfg, attn_impl) for _ in range(cfg.num_layers))
+        if compile:  # in place: parameter names and state dicts stay those of the eager blocks
+            for layer in self.layers:
+                layer.compile()
         self.activation_checkpointing = activation_checkpointing
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
