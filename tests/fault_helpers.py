@@ -20,7 +20,7 @@ class Run:
     """One launcher (runner -> deepspeed.launcher.launch -> ranks) in its own session, output in a log file."""
 
     def __init__(self, nproc: int, log: Path, *args: str, env: dict[str, str] | None = None):
-        self.nproc, self.log = nproc, log
+        self.nproc, self.log, self.port = nproc, log, _free_port()
         cmd = [
             sys.executable,
             "-m",
@@ -28,7 +28,7 @@ class Run:
             "--num_gpus",
             str(nproc),
             "--master_port",
-            str(_free_port()),
+            str(self.port),
             str(ROOT / "flava_ds" / "pretrain.py"),
             *args,
         ]
@@ -76,6 +76,10 @@ class Run:
         for rank in self.ranks():
             for process in [rank, *rank.children(recursive=True)]:
                 process.send_signal(signum)
+
+    def shm_buffers(self) -> list[Path]:
+        """DeepSpeed's CPU all-reduce buffers of this run still named in /dev/shm (each holds 69 MB of RAM)."""
+        return sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{self.port}_*"))
 
     def tail(self, chars: int = 4000) -> str:
         return self.output()[-chars:]

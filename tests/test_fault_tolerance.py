@@ -115,6 +115,7 @@ def test_sigkill_anywhere_resumes_from_the_last_complete_checkpoint(data, ds_con
     run.wait_until(lambda: last_step(runs[-1][1]) >= 13, timeout=180)
     time.sleep(rng.uniform(0.0, 0.3))
     run.kill()
+    assert not run.shm_buffers()  # the killed ranks' shared memory went with them
     assert _latest_step(ckpt) in (10, 20) and _complete(ckpt, _latest_step(ckpt))
 
     # 2. after the engine wrote every file of the next checkpoint, before `latest` names it (injected pause)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import signal
 import threading
@@ -91,15 +92,24 @@ class StopSignal:
 
     def _overdue(self) -> None:
         log.error("stop deadline of %.0f s passed before the checkpoint finished; exiting", self.deadline_s)
-        import os
-
         os._exit(1)
+
+
+def release_shm_allreduce_buffer(rank: int) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce creates /dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>
+    (69 MB per rank) and never unlinks it, so every CPU run, and every killed one, leaks that much RAM. Once all ranks
+    are past initialisation (the barrier) every buffer is mapped; unlinking the name keeps the mappings and lets the
+    kernel free the memory when the last process exits, however it exits."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    dist.barrier()
+    Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
 class Trainer:
     def __init__(self, config: RunConfig, ds_config: dict[str, Any], micro: int, accum: int):
         self.config = config
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        release_shm_allreduce_buffer(self.rank)
         tp = config.train.tensor_parallel_size
         mpu = None
         if tp > 1:  # megatron-core groups; TP peers share a batch, ZeRO and the contrastive gather span DP ranks
