@@ -3,7 +3,7 @@
 # benchmark, FLAVA-full end-to-end training (ZeRO-2, bf16) vs transformers, the contrastive-gather fraction.
 #
 #   bash tools/gpu_check.sh                  # figures under $OUT (if set) else ./gpu_check_out
-#   BATCH=256 WORKERS=12 bash tools/gpu_check.sh
+#   BATCH=256 WORKERS=12 PYTHON=/path/to/python bash tools/gpu_check.sh   # default python: .venv/bin/python
 #
 # Each part runs under `timeout`; a failing or overrunning part is recorded and the next one runs anyway.
 # Output: <dir>/gpu_check.json (every figure + per-part status), per-part logs, and a summary on stdout.
@@ -11,6 +11,7 @@ set -u
 cd "$(dirname "$0")/.."
 DIR="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$DIR"
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 PY="${PYTHON:-python}"
 START=$(date +%s)
 declare -A STATUS SECONDS_USED
