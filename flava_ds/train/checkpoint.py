@@ -31,15 +31,15 @@ from flava_ds.train.faults import FAULTS
 LATEST = "latest"
 MODEL_CONFIG = "flava_config.json"
 _TAG = re.compile(r"^global_step(\d+)$")
-# Globals beyond torch's weights_only set that DeepSpeed checkpoints (ZeRO 0-3, fp32/bf16/fp16) and our client
-# state (numpy RNG state) contain; every one is a plain data class or numpy's array reconstruction.
+# Globals beyond torch's weights_only set that DeepSpeed checkpoints and our client state (numpy RNG state) contain,
+# listed from ZeRO 0-3 fp32/bf16 checkpoints (fp16 pickles its DynamicLossScaler the same way): plain DeepSpeed data
+# classes and numpy's array reconstruction.
 TRUSTED_GLOBALS = frozenset(
     {
         "deepspeed.runtime.fp16.loss_scaler.LossScaler",
         "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
         "deepspeed.runtime.zero.config.ZeroStageEnum",
         "deepspeed.utils.tensor_fragment.fragment_address",
-        "deepspeed.checkpoint.constants.PARAM_SHAPES",
         "numpy.dtype",
         "numpy.ndarray",
         "numpy.core.multiarray._reconstruct",
