@@ -350,11 +350,21 @@ def _corrupt_images(source: Path, target: Path, rows: list[int]) -> None:
 
 
 def test_undecodable_sample_is_replaced_deterministically_and_counted(data, tmp_path):
-    """A sample whose image does not decode is served as the next index (same epoch) with bad_samples = 1."""
+    """A sample whose image does not decode, or whose stored token ids lie beyond the vocabulary, is served as the
+    next index (same epoch) with bad_samples = 1."""
     from flava_ds.data.sampler import SampleKey
 
     _corrupt_images(data["pairs"], tmp_path / "pairs", [3])
-    stream = _streams({**data, "pairs": tmp_path / "pairs"}).streams["image_text"]
+    shutil.copytree(data["text"], tmp_path / "text")
+    raw = bytearray((tmp_path / "text" / "text.bin").read_bytes())
+    raw[:2] = b"\xff\xff"  # the first token of document 0 becomes id 65535 (uint16), the vocabulary has 200
+    (tmp_path / "text" / "text.bin").write_bytes(bytes(raw))
+    streams = _streams({**data, "pairs": tmp_path / "pairs", "text": tmp_path / "text"}).streams
+    text = streams["text"].dataset
+    assert text[SampleKey(0, 1)]["bad_samples"] == 1
+    assert text[SampleKey(0, 1)]["key"] == SampleKey(1, 1) and (text[SampleKey(0, 1)]["input_ids"] < 200).all()
+
+    stream = streams["image_text"]
     replaced = stream.dataset[SampleKey(3, 2)]
     following = stream.dataset[SampleKey(4, 2)]
     assert replaced["bad_samples"] == 1 and "bad_samples" not in following

@@ -24,13 +24,12 @@ class Faults:
     sample_log: Path | None = None
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Faults:
-        env = os.environ if env is None else env
-        steps = env.get("FLAVA_DS_INJECT_NAN_STEPS", "")
-        log = env.get("FLAVA_DS_SAMPLE_LOG")
+    def from_env(cls) -> Faults:
+        steps = os.environ.get("FLAVA_DS_INJECT_NAN_STEPS", "")
+        log = os.environ.get("FLAVA_DS_SAMPLE_LOG")
         return cls(
             nan_steps=frozenset(int(s) for s in steps.split(",") if s.strip()),
-            save_delay_s=float(env.get("FLAVA_DS_INJECT_SAVE_DELAY_S", "0")),
+            save_delay_s=float(os.environ.get("FLAVA_DS_INJECT_SAVE_DELAY_S", "0")),
             sample_log=Path(log) if log else None,
         )
 
