@@ -224,12 +224,16 @@ def ds_config(stage: int, precision: str, micro: int, clip: float) -> dict[str, 
     return config
 
 
-def build_engine(model: torch.nn.Module, config: dict[str, Any], lr: float):
+def build_engine(model: torch.nn.Module, config: dict[str, Any], lr: float, fused: bool):
+    """Our model under DeepSpeed with the trainer's AdamW parameter groups (`fused`: torch's fused AdamW kernel)."""
     import deepspeed
 
+    from flava_ds.train.config import OptimizerSection
     from flava_ds.train.trainer import param_groups
 
-    optimizer = torch.optim.AdamW(param_groups(model, 0.1, ["bias", "norm", "token", "embed", "logit_scale"]), lr=lr)
+    defaults = OptimizerSection()
+    groups = param_groups(model, defaults.weight_decay, defaults.no_decay)
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=fused or None)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 
@@ -447,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=256, help="generated image-text pairs (half also image-only)")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping, both models")
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument(
+        "--fused-adamw", action="store_true", help="ours: torch.optim.AdamW(fused=True) (transformers: the default)"
+    )
     parser.add_argument("--peak-tflops", type=float, help="per-device peak for MFU (default: GPU lookup)")
     parser.add_argument("--gather", action="store_true", help="also time the contrastive all-gather")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -486,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         model = FlavaForPreTraining(cfg)
         if args.compare_steps > 0:  # transformers starts from these weights; loaded only after the train phases
             model.save_hf_pretrained(Path(tmp) / "hf_init")
-        engine = build_engine(model, ds_config(args.zero, precision, args.batch, args.clip), args.lr)
+        engine = build_engine(model, ds_config(args.zero, precision, args.batch, args.clip), args.lr, args.fused_adamw)
         report: dict[str, Any] = {
             "date": time.strftime("%Y-%m-%d"),
             "machine": torch.cuda.get_device_name()
@@ -501,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             "zero": args.zero,
             "attn_impl": args.attn_impl,
             "compile": args.compile,
+            "fused_adamw": args.fused_adamw,
             "workers": args.workers,
             "peak_tflops": peak,
             "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
