@@ -518,6 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             streams = make_streams(shards, result["ratios"], crop, args.batch, args.workers, text_length)
             result["train"] = train_phase(engine, streams, cfg, device, args.steps, args.warmup, peak)
             print_train(kind, result["train"])
+            save(report, args.json)
             del streams  # stops its loader workers
         if args.compare_steps > 0:
             theirs = build_transformers(Path(tmp) / "hf_init", device, args.lr)
@@ -528,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                     engine, theirs, streams, device, args.compare_steps, args.warmup, args.clip, autocast
                 )
                 print_compare(kind, result["compare"])
+                save(report, args.json)
                 del streams
         if args.gather:
             probe = gather_probe(engine, cfg, args.batch, device, repeats=20)
@@ -539,10 +541,15 @@ def main(argv: list[str] | None = None) -> int:
                 f"contrastive gather over {probe['world_size']} rank(s): {probe['gather_fwd_bwd_s_median'] * 1e3:.3f} "
                 f"ms fwd+bwd = {100 * fraction:.3f}% of an image-text step"
             )
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+    save(report, args.json)
     return 0
+
+
+def save(report: dict[str, Any], path: Path | None) -> None:
+    """Rewritten after every phase, so a run cut short keeps what it measured."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
 
 
 def print_train(kind: str, t: dict[str, Any]) -> None:
