@@ -290,14 +290,20 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def schedule(streams, warmup: int, steps: int) -> list[tuple[str, bool]]:
+    """(task, measured) per step: first one unmeasured step of every kind in the mix (its loader workers start,
+    first-call costs are paid), then `warmup` unmeasured and `steps` measured steps in the mixer's order."""
+    tasks = [(task, False) for task in streams.mixer.tasks]
+    return tasks + [(streams.task(i), i >= warmup) for i in range(warmup + steps)]
+
+
 def train_phase(
     engine, streams, cfg: FlavaConfig, device: torch.device, steps: int, warmup: int, peak: float | None
 ) -> dict[str, Any]:
     """Consecutive DeepSpeed steps fed by the loader: throughput, TFLOP/s, MFU, data wait, memory."""
     records = []
     reset_peak(device)
-    for step in range(warmup + steps):
-        task = streams.task(step)
+    for task, measured in schedule(streams, warmup, steps):
         sync(device)
         start, wait_before = time.perf_counter(), streams.wait_seconds
         batch = model_inputs(streams.next_batch(task), device)
@@ -305,7 +311,7 @@ def train_phase(
         sync(device)
         seconds = time.perf_counter() - start
         streams.advance(task)
-        if step >= warmup:
+        if measured:
             mask = batch.get("attention_mask")
             records.append(
                 {
@@ -347,8 +353,7 @@ def compare_phase(
     times: dict[str, list[float]] = {"flava_ds": [], "transformers": []}
     memory: dict[str, float] = {"flava_ds": 0.0, "transformers": 0.0}
     losses: dict[str, float] = {}
-    for step in range(warmup + steps):
-        task = streams.task(step)
+    for step, (task, measured) in enumerate(schedule(streams, warmup, steps)):
         batch = model_inputs(streams.next_batch(task), device)
         streams.advance(task)
         order = ("flava_ds", "transformers") if step % 2 == 0 else ("transformers", "flava_ds")
@@ -368,7 +373,7 @@ def compare_phase(
                 optimizer.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
                 return {"error": f"{name} ran out of memory at batch {next(iter(batch.values())).shape[0]}"}
-            if step >= warmup:
+            if measured:
                 times[name].append(time.perf_counter() - start)
                 if device.type == "cuda":
                     memory[name] = max(memory[name], (torch.cuda.max_memory_allocated() - resident) / 2**20)
