@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """End-to-end training throughput through the DeepSpeed engine, and the same batches through transformers' FLAVA.
 
-  python tools/bench_train.py --preset small --batch 16                       # CPU fp32, every kind + the mix
-  python tools/bench_train.py --preset full --batch 64 --precision bf16 --zero 2 --json train.json   # one GPU
+  python tools/bench_train.py --preset small --batch 16 --threads 1          # CPU fp32, every kind + the mix
+  python tools/bench_train.py --preset full --batch 256 --compare-batch 64 --zero 2 --gather --json t.json  # GPU, bf16
 
 For each batch kind (image_text, image, text) and the mix of the three (`--mix`, default equal ratios, i.e.
 round-robin in expectation), two phases run in this one process:
@@ -17,7 +17,12 @@ round-robin in expectation), two phases run in this one process:
 * compare: `--compare-steps` batches from the same loader, each trained by our engine and then by
   `transformers.FlavaForPreTraining` with the same initial weights (bf16 autocast on GPU, fp32 on CPU; a
   plain torch AdamW step with the same clipping), alternating, so background load hits both alike. Reported:
-  median step time of each (data wait excluded) and ours / transformers. On GPU also the peak memory of each.
+  median step time of each (data wait excluded) and ours / transformers; on GPU also the memory one step
+  allocates on top of what is resident, and its ratio. `--compare-batch` runs this phase at another batch.
+
+Both phases first run one unmeasured step of every kind in the mix (loader workers start, first-call costs),
+then `--warmup` unmeasured steps. `--compile` and `--fused-adamw` switch on FlavaConfig.compile and
+torch's fused AdamW for our model only; `--threads 1` avoids OpenMP stalls on an oversubscribed CPU.
 
 `--gather` also times the contrastive all-gather (forward + backward of the embeddings) over the
 data-parallel group against the image-text step time. Single process: a 1-rank gloo (CPU) or NCCL (GPU) group.
