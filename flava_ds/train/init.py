@@ -45,12 +45,14 @@ def _image_encoder_from_vit(model: FlavaForPreTraining, path: str) -> dict[str, 
     raw = {k.removeprefix("vit."): v for k, v in read_state_dict(path).items()}
     out = {}
     for name in model.state_dict():
-        if not name.startswith("image_encoder.") or name == "image_encoder.mask_token":
+        if not name.startswith("image_encoder."):
             continue
         parts = [raw.get(n.removeprefix("flava.image_model.")) for n in hf_names(name)]
         if all(p is not None for p in parts):
             out[name] = torch.cat(parts) if len(parts) > 1 else parts[0]
-    out["image_encoder.mask_token"] = model.image_encoder.mask_token.detach()  # ViTs have none: keep the init
+    own = model.state_dict()
+    for name in ("image_encoder.mask_token", "image_encoder.pooler.weight", "image_encoder.pooler.bias"):
+        out.setdefault(name, own[name])  # a ViT has no mask token, and a classifier ViT no pooler: keep the init
     return out
 
 
