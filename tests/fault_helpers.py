@@ -6,14 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 
-from tests.train_fixtures import ROOT, _free_port
+from tests.train_fixtures import ROOT, _free_port, launcher_command
 
 
 class Run:
@@ -21,18 +20,7 @@ class Run:
 
     def __init__(self, nproc: int, log: Path, *args: str, env: dict[str, str] | None = None):
         self.nproc, self.log, self.port = nproc, log, _free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            str(nproc),
-            "--master_port",
-            str(self.port),
-            str(ROOT / "flava_ds" / "pretrain.py"),
-            *args,
-        ]
-        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        cmd, full_env = launcher_command(nproc, *args, port=self.port, env=env)
         with open(log, "w") as out:
             self.proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True

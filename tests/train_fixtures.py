@@ -129,20 +129,16 @@ def write_ds_config(path: Path, stage: int, micro: int = 2, accum: int = 1, prec
     return path
 
 
+def launcher_command(nproc: int, *args: str, port: int | None = None, env: dict | None = None):
+    """(argv, environment) of `deepspeed --num_gpus N flava_ds/pretrain.py ...` on CPU ranks (gloo)."""
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+           "--master_port", str(port or _free_port()), str(ROOT / "flava_ds" / "pretrain.py"), *args]  # fmt: skip
+    return cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+
+
 def launch(nproc: int, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`deepspeed --num_gpus N flava_ds/pretrain.py ...` on CPU ranks (gloo)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        str(nproc),
-        "--master_port",
-        str(_free_port()),
-        str(ROOT / "flava_ds" / "pretrain.py"),
-        *args,
-    ]
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    """Run pretrain.py under the DeepSpeed launcher to completion."""
+    cmd, full_env = launcher_command(nproc, *args, env=env)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
 
 
