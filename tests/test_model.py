@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from flava_ds.model import FlavaConfig, FlavaForPreTraining
+from flava_ds.model.transformer import Encoder, gather_positions, positions_first
 from tests.model_inputs import make_batches
 
 
@@ -96,6 +97,56 @@ def test_only_needed_parts_run():
         )
     out = contrastive_only(**batches["image_text"])
     assert calls == {"image_encoder": 1, "text_encoder": 1} and set(out.losses) == {"global_contrastive"}
+
+
+@pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
+def test_last_block_on_selected_positions_equals_full(attn_impl):
+    """query_index: the last block's outputs (and every gradient) at those positions equal the full pass's."""
+    torch.manual_seed(6)
+    cfg = FlavaConfig.preset("tiny", attn_impl=attn_impl).text
+    encoder = Encoder(cfg, attn_impl, activation_checkpointing=False)
+    x = torch.randn(3, 9, cfg.hidden_size, requires_grad=True)
+    padding = torch.ones(3, 9, dtype=torch.bool)
+    padding[1, 6:] = False
+    wanted = torch.rand(3, 9) < 0.4
+    wanted[2] = False  # a row with nothing wanted: only filler positions
+    index = positions_first(wanted)
+    assert index.shape == (3, max(int(wanted.sum(1).max()), 1))
+    for row in range(3):
+        n = int(wanted[row].sum())
+        assert index[row, :n].tolist() == wanted[row].nonzero().flatten().tolist()
+    full = gather_positions(encoder(x, padding), index)
+    selected = encoder(x, padding, index)
+    torch.testing.assert_close(selected, full, atol=1e-6, rtol=1e-5)
+    weight = torch.randn_like(full)
+    grads_full = torch.autograd.grad((full * weight).sum(), [x, *encoder.parameters()])
+    grads_sel = torch.autograd.grad((selected * weight).sum(), [x, *encoder.parameters()])
+    for a, b in zip(grads_full, grads_sel):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_last_blocks_compute_only_what_losses_read():
+    """Contrastive views end on CLS, fusion on CLS + matched rows' masked positions, MIM/MLM on masked positions."""
+    torch.manual_seed(2)
+    model = FlavaForPreTraining(FlavaConfig.preset("tiny"))
+    rows: dict[str, list[int]] = {}
+    for name in ("image_encoder", "text_encoder", "multimodal_encoder"):
+        getattr(model, name).encoder.layers[-1].register_forward_hook(
+            lambda _m, _i, out, n=name: rows.setdefault(n, []).append(out.shape[1])
+        )
+    batches = make_batches(model.config)
+    model(**batches["image_text"])
+    P, L = model.config.image.num_patches, batches["image_text"]["input_ids"].shape[1]
+    assert rows["image_encoder"] == [1, 1 + P] and rows["text_encoder"] == [1, L]
+    matched = batches["image_text"]["itm_labels"].bool()
+    wanted = 1 + (batches["image_text"]["bool_masked_pos"] & matched[:, None]).sum(1)
+    wanted += ((batches["image_text"]["mlm_labels"] != -100) & matched[:, None]).sum(1)
+    assert rows["multimodal_encoder"] == [int(wanted.max())] and wanted.max() < 2 + P + L
+    rows.clear()
+    model(**batches["image"])
+    model(**batches["text"])
+    assert rows["image_encoder"] == [int(batches["image"]["bool_masked_pos"].sum(1).max())]
+    assert rows["text_encoder"] == [int((batches["text"]["mlm_labels"] != -100).sum(1).max())]
 
 
 def test_poolers_are_frozen_and_unused():

@@ -2,6 +2,7 @@
 
 Each returns `(hidden, normed)`: the last hidden state before the final LayerNorm (what the
 multimodal encoder consumes) and after it (what the unimodal heads and contrastive projections use).
+`query_index` (B, Q) limits both to those positions (see `Encoder`): the losses read few of them.
 The poolers exist only so `transformers` checkpoints round-trip; no pretraining loss uses them, so
 they are frozen and never run.
 """
@@ -25,9 +26,7 @@ class ImageEncoder(nn.Module):
     def __init__(self, config: FlavaConfig):
         super().__init__()
         c = config.image
-        self.patch_embed = nn.Conv2d(
-            c.num_channels, c.hidden_size, kernel_size=c.patch_size, stride=c.patch_size
-        )
+        self.patch_embed = nn.Conv2d(c.num_channels, c.hidden_size, kernel_size=c.patch_size, stride=c.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.hidden_size))
@@ -36,13 +35,16 @@ class ImageEncoder(nn.Module):
         self.pooler = _frozen_pooler(c.hidden_size)
 
     def forward(
-        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        query_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.patch_embed(pixel_values).flatten(2).transpose(1, 2)  # (B, P, H)
         if bool_masked_pos is not None:  # masked patches take the learned mask token, before CLS/positions
             x = torch.where(bool_masked_pos.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed  # (B, 1+P, H)
-        hidden = self.encoder(x)
+        hidden = self.encoder(x, None, query_index)  # (B, 1+P or Q, H)
         return hidden, self.final_norm(hidden)
 
 
@@ -59,12 +61,15 @@ class TextEncoder(nn.Module):
         self.pooler = _frozen_pooler(c.hidden_size)
 
     def forward(
-        self, input_ids: torch.Tensor, key_padding_mask: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        query_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         L = input_ids.shape[1]
         x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]  # single segment: type 0
         x = self.embed_norm(x + self.position_embeddings.weight[:L])  # (B, L, H)
-        hidden = self.encoder(x, key_padding_mask)
+        hidden = self.encoder(x, key_padding_mask, query_index)  # (B, L or Q, H)
         return hidden, self.final_norm(hidden)
 
 
@@ -78,13 +83,18 @@ class MultimodalEncoder(nn.Module):
         self.pooler = _frozen_pooler(c.hidden_size)
 
     def forward(
-        self, image: torch.Tensor, text: torch.Tensor, text_padding_mask: torch.Tensor | None
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        text_padding_mask: torch.Tensor | None,
+        query_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """image (B, 1+P, H), text (B, L, H) already projected -> (B, 1 + 1+P + L, H) after the final norm."""
+        """image (B, 1+P, H), text (B, L, H) already projected -> (B, 1 + 1+P + L, H) after the final norm
+        (or (B, Q, H) at `query_index`)."""
         B = image.shape[0]
         x = torch.cat([self.cls_token.expand(B, -1, -1), image, text], dim=1)
         mask = None
         if text_padding_mask is not None:  # text padding stays masked in fusion (as in transformers)
             image_keep = text_padding_mask.new_ones(B, 1 + image.shape[1])
             mask = torch.cat([image_keep, text_padding_mask], dim=1)
-        return self.final_norm(self.encoder(x, mask))
+        return self.final_norm(self.encoder(x, mask, query_index))

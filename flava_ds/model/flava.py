@@ -22,6 +22,7 @@ from flava_ds.model.contrastive import GlobalContrastiveLoss
 from flava_ds.model.encoders import ImageEncoder, MultimodalEncoder, TextEncoder
 from flava_ds.model.heads import ITMHead, MaskedPredictionHead
 from flava_ds.model.hf_io import expect_keys, read_config, read_state_dict, write_checkpoint
+from flava_ds.model.transformer import positions_first
 from flava_ds.parallel import checkpoint as tp_checkpoint
 from flava_ds.parallel.layers import TensorParallelLinear
 from flava_ds.parallel.state import is_global_rank_zero, tensor_parallel_size
@@ -69,9 +70,7 @@ class FlavaForPreTraining(nn.Module):
         self.logit_scale = nn.Parameter(torch.full((1,), config.logit_scale_init))
         self.mim_head = MaskedPredictionHead(img.hidden_size, img.codebook_vocab_size, img.layer_norm_eps)
         self.mlm_head = MaskedPredictionHead(txt.hidden_size, txt.vocab_size, txt.layer_norm_eps, vocab_parallel=True)
-        self.mmm_image_head = MaskedPredictionHead(
-            mm.hidden_size, img.codebook_vocab_size, img.layer_norm_eps
-        )
+        self.mmm_image_head = MaskedPredictionHead(mm.hidden_size, img.codebook_vocab_size, img.layer_norm_eps)
         self.mmm_text_head = MaskedPredictionHead(
             mm.hidden_size, txt.vocab_size, txt.layer_norm_eps, vocab_parallel=True
         )
@@ -178,21 +177,24 @@ class FlavaForPreTraining(nn.Module):
             )
         out = FlavaOutput()
         if pixel_values is not None:
-            _, image = self.image_encoder(pixel_values, bool_masked_pos)
+            targets = None
             if mim_labels is not None and self.config.mim_weight > 0:
+                targets = F.pad(_mim_targets(mim_labels, bool_masked_pos), (1, 0), value=IGNORE_INDEX)  # (B, 1+P)
+            index = _target_positions(targets)
+            _, image = self.image_encoder(pixel_values, bool_masked_pos, index)
+            if targets is not None:
                 self._masked_prediction(
-                    out,
-                    "mim",
-                    self.mim_head,
-                    image[:, 1:],
-                    _mim_targets(mim_labels, bool_masked_pos),
-                    self.config.mim_weight,
+                    out, "mim", self.mim_head, image, targets.gather(1, index), self.config.mim_weight
                 )
         else:
             text_ids = input_ids_masked if input_ids_masked is not None else input_ids
-            _, text = self.text_encoder(text_ids, _padding_mask(attention_mask))
-            if mlm_labels is not None and self.config.mlm_weight > 0:
-                self._masked_prediction(out, "mlm", self.mlm_head, text, mlm_labels, self.config.mlm_weight)
+            targets = mlm_labels if mlm_labels is not None and self.config.mlm_weight > 0 else None
+            index = _target_positions(targets)
+            _, text = self.text_encoder(text_ids, _padding_mask(attention_mask), index)
+            if targets is not None:
+                self._masked_prediction(
+                    out, "mlm", self.mlm_head, text, targets.gather(1, index), self.config.mlm_weight
+                )
         return self._finish(out)
 
     def _image_text(
@@ -211,10 +213,13 @@ class FlavaForPreTraining(nn.Module):
         need_contrastive = cfg.global_contrastive_weight > 0 and input_ids is not None
         need_fusion = max(cfg.itm_weight, cfg.mmm_image_weight, cfg.mmm_text_weight) > 0
 
+        text_ids = input_ids_masked if input_ids_masked is not None else input_ids
+        reuse_image = need_fusion and bool_masked_pos is None  # the unmasked views feed fusion too: keep all
+        reuse_text = need_fusion and text_ids is input_ids
         image = text = None
-        if need_contrastive:  # unmasked views for the contrastive loss
-            image = self.image_encoder(pixel_values)
-            text = self.text_encoder(input_ids, padding)
+        if need_contrastive:  # unmasked views; the contrastive loss reads their CLS only
+            image = self.image_encoder(pixel_values, None, None if reuse_image else _cls_only(pixel_values))
+            text = self.text_encoder(input_ids, padding, None if reuse_text else _cls_only(input_ids))
 
         row_mask = None
         if itm_labels is not None:  # MMM and contrastive queries use matched pairs only (all if none matched)
@@ -223,47 +228,42 @@ class FlavaForPreTraining(nn.Module):
 
         if need_fusion:
             image_masked = (
-                image
-                if bool_masked_pos is None and image is not None
-                else self.image_encoder(pixel_values, bool_masked_pos)
+                image if reuse_image and image is not None else self.image_encoder(pixel_values, bool_masked_pos)
             )
-            text_ids = input_ids_masked if input_ids_masked is not None else input_ids
-            text_masked = (
-                text if text_ids is input_ids and text is not None else self.text_encoder(text_ids, padding)
-            )
+            text_masked = text if reuse_text and text is not None else self.text_encoder(text_ids, padding)
+            # targets over the fused sequence [CLS_M, CLS_I, P patches, L tokens]; MMM reads matched rows only
+            P, L = image_masked[0].shape[1] - 1, text_masked[0].shape[1]
+            mmm_image = mmm_text = None
+            if mim_labels is not None and cfg.mmm_image_weight > 0:
+                mmm_image = _rows(
+                    F.pad(_mim_targets(mim_labels, bool_masked_pos), (2, L), value=IGNORE_INDEX), row_mask
+                )
+            if mlm_labels is not None and cfg.mmm_text_weight > 0:
+                mmm_text = _rows(F.pad(mlm_labels, (2 + P, 0), value=IGNORE_INDEX), row_mask)
+            wanted = torch.zeros(text_ids.shape[0], 2 + P + L, dtype=torch.bool, device=text_ids.device)
+            wanted[:, 0] = True  # CLS_M, read by ITM
+            for targets in (mmm_image, mmm_text):
+                if targets is not None:
+                    wanted |= targets.ne(IGNORE_INDEX)
+            index = positions_first(wanted)
             fused = self.multimodal_encoder(
                 self.image_to_mm_projection(image_masked[0]),
                 self.text_to_mm_projection(text_masked[0]),
                 padding,
-            )  # (B, 1 + 1+P + L, H)
+                index,
+            )  # (B, Q, H)
             if cfg.itm_weight > 0:
                 itm_logits = self.itm_head(fused[:, 0])
                 out.logits["itm"] = itm_logits
                 if itm_labels is not None:
                     out.losses["itm"] = F.cross_entropy(itm_logits, itm_labels) * cfg.itm_weight
-            if row_mask is not None:
-                fused = fused[row_mask]
-                mim_labels = None if mim_labels is None else mim_labels[row_mask]
-                bool_masked_pos = None if bool_masked_pos is None else bool_masked_pos[row_mask]
-                mlm_labels = None if mlm_labels is None else mlm_labels[row_mask]
-            num_patches = image_masked[0].shape[1] - 1
-            if mim_labels is not None and cfg.mmm_image_weight > 0:
+            if mmm_image is not None:
                 self._masked_prediction(
-                    out,
-                    "mmm_image",
-                    self.mmm_image_head,
-                    fused[:, 2 : 2 + num_patches],
-                    _mim_targets(mim_labels, bool_masked_pos),
-                    cfg.mmm_image_weight,
+                    out, "mmm_image", self.mmm_image_head, fused, mmm_image.gather(1, index), cfg.mmm_image_weight
                 )
-            if mlm_labels is not None and cfg.mmm_text_weight > 0:
+            if mmm_text is not None:
                 self._masked_prediction(
-                    out,
-                    "mmm_text",
-                    self.mmm_text_head,
-                    fused[:, -mlm_labels.shape[1] :],
-                    mlm_labels,
-                    cfg.mmm_text_weight,
+                    out, "mmm_text", self.mmm_text_head, fused, mmm_text.gather(1, index), cfg.mmm_text_weight
                 )
 
         if need_contrastive:
@@ -278,11 +278,12 @@ class FlavaForPreTraining(nn.Module):
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) -> L2-normalised contrastive embeddings (B, projection_dim), for retrieval/zero-shot."""
-        return self._embed(self.image_projection, self.image_encoder(pixel_values)[1])
+        return self._embed(self.image_projection, self.image_encoder(pixel_values, None, _cls_only(pixel_values))[1])
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) -> L2-normalised contrastive embeddings (B, projection_dim)."""
-        return self._embed(self.text_projection, self.text_encoder(input_ids, _padding_mask(attention_mask))[1])
+        normed = self.text_encoder(input_ids, _padding_mask(attention_mask), _cls_only(input_ids))[1]
+        return self._embed(self.text_projection, normed)
 
     @staticmethod
     def _embed(projection: nn.Module, normed: torch.Tensor) -> torch.Tensor:
@@ -327,9 +328,7 @@ class FlavaForPreTraining(nn.Module):
         img = self.config.image
         has_text = input_ids is not None or input_ids_masked is not None
         if pixel_values is None and not has_text:
-            raise ValueError(
-                "FlavaForPreTraining.forward: pass pixel_values (B, C, H, W) and/or input_ids (B, L)"
-            )
+            raise ValueError("FlavaForPreTraining.forward: pass pixel_values (B, C, H, W) and/or input_ids (B, L)")
         B = (
             pixel_values.shape[0]
             if pixel_values is not None
@@ -341,9 +340,7 @@ class FlavaForPreTraining(nn.Module):
             _expect("bool_masked_pos", bool_masked_pos, (B, P))
             _expect("mim_labels", mim_labels, (B, P))
             if mim_labels is not None and bool_masked_pos is None:
-                raise ValueError(
-                    f"mim_labels given without bool_masked_pos: pass bool_masked_pos of shape ({B}, {P})"
-                )
+                raise ValueError(f"mim_labels given without bool_masked_pos: pass bool_masked_pos of shape ({B}, {P})")
         if has_text:
             ref = input_ids if input_ids is not None else input_ids_masked
             if ref.dim() != 2:
@@ -368,19 +365,10 @@ class FlavaForPreTraining(nn.Module):
                 ("itm_labels", itm_labels),
             ):
                 if t is not None:
-                    raise ValueError(
-                        f"{name} given without input_ids: pass input_ids of shape (batch, seq_len)"
-                    )
+                    raise ValueError(f"{name} given without input_ids: pass input_ids of shape (batch, seq_len)")
         _expect("itm_labels", itm_labels, (B,))
-        if (
-            pixel_values is not None
-            and has_text
-            and self.config.global_contrastive_weight > 0
-            and input_ids is None
-        ):
-            raise ValueError(
-                f"image-text batch: the contrastive loss needs the unmasked input_ids of shape ({B}, L)"
-            )
+        if pixel_values is not None and has_text and self.config.global_contrastive_weight > 0 and input_ids is None:
+            raise ValueError(f"image-text batch: the contrastive loss needs the unmasked input_ids of shape ({B}, L)")
 
 
 def _expect(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> None:
@@ -390,6 +378,21 @@ def _expect(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> N
 
 def _padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if attention_mask is None else attention_mask.bool()
+
+
+def _target_positions(targets: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, N) targets -> the positions_first index of those with a target; None (all positions) without targets."""
+    return None if targets is None else positions_first(targets.ne(IGNORE_INDEX))
+
+
+def _cls_only(batch: torch.Tensor) -> torch.Tensor:
+    """The index (B, 1) of position 0: an encoder pass whose reader is the CLS state alone."""
+    return torch.zeros(batch.shape[0], 1, dtype=torch.long, device=batch.device)
+
+
+def _rows(targets: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
+    """Targets of the rows outside `row_mask` (B,) set to the ignore index."""
+    return targets if row_mask is None else targets.masked_fill(~row_mask[:, None], IGNORE_INDEX)
 
 
 def _mim_targets(mim_labels: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:

@@ -35,10 +35,16 @@ def peak_tflops(override: float | None) -> float | None:
     return None
 
 
-def _encoder(cfg: EncoderConfig, batch: int, tokens: int) -> float:
+def _encoder(cfg: EncoderConfig, batch: int, tokens: int, last_queries: int | None = None) -> float:
+    """`last_queries`: positions (summed over the batch) whose last-layer output a loss reads; the last layer
+    needs keys and values of every position but queries, projection and MLP only for those."""
     H, M = cfg.hidden_size, cfg.mlp_size
-    per_layer = 2 * batch * tokens * (4 * H * H + 2 * H * M) + 4 * batch * tokens * tokens * H
-    return cfg.num_layers * per_layer
+
+    def layer(queries: int) -> float:
+        return 2 * batch * tokens * 2 * H * H + 2 * queries * (2 * H * H + 2 * H * M) + 4 * queries * tokens * H
+
+    last = batch * tokens if last_queries is None else last_queries
+    return (cfg.num_layers - 1) * layer(batch * tokens) + layer(last)
 
 
 def _head(hidden: int, vocab: int, positions: int) -> float:
@@ -51,22 +57,27 @@ def batch_flops(cfg: FlavaConfig, task: str, batch: dict[str, torch.Tensor]) -> 
     fwd = 0.0
     if "pixel_values" in batch:
         B, P = batch["pixel_values"].shape[0], img.num_patches
-        image_pass = 2 * B * P * img.num_channels * img.patch_size**2 * img.hidden_size + _encoder(img, B, P + 1)
+        patches = 2 * B * P * img.num_channels * img.patch_size**2 * img.hidden_size
         masked = int(batch["bool_masked_pos"].sum())
     if "input_ids" in batch:
         B, L = batch["input_ids"].shape
-        text_pass = _encoder(txt, B, L)
         masked_text = int((batch["mlm_labels"] != -100).sum())
     if task == "image":
-        fwd = image_pass + _head(img.hidden_size, img.codebook_vocab_size, masked)
+        fwd = patches + _encoder(img, B, P + 1, masked) + _head(img.hidden_size, img.codebook_vocab_size, masked)
     elif task == "text":
-        fwd = text_pass + _head(txt.hidden_size, txt.vocab_size, masked_text)
+        fwd = _encoder(txt, B, L, masked_text) + _head(txt.hidden_size, txt.vocab_size, masked_text)
     else:
-        fwd = 2 * (image_pass + text_pass)  # unmasked (contrastive) and masked (fusion) views
+        # unmasked views (the contrastive loss reads CLS) and masked views (all positions feed fusion)
+        fwd = 2 * patches + _encoder(img, B, P + 1, B) + _encoder(img, B, P + 1)
+        fwd += _encoder(txt, B, L, B) + _encoder(txt, B, L)
         fwd += 2 * B * ((P + 1) * img.hidden_size + L * txt.hidden_size) * mm.hidden_size  # to-mm projections
-        fwd += _encoder(mm, B, 1 + (P + 1) + L)
-        fwd += _head(mm.hidden_size, img.codebook_vocab_size, masked) + _head(
-            mm.hidden_size, txt.vocab_size, masked_text
+        matched = batch["itm_labels"].bool() if "itm_labels" in batch else torch.ones(B, dtype=torch.bool)
+        matched |= ~matched.any()  # MMM reads matched pairs only (all if none matched)
+        mmm_image = int(batch["bool_masked_pos"][matched].sum())
+        mmm_text = int((batch["mlm_labels"][matched] != -100).sum())
+        fwd += _encoder(mm, B, 1 + (P + 1) + L, B + mmm_image + mmm_text)  # CLS_M (ITM) + MMM positions
+        fwd += _head(mm.hidden_size, img.codebook_vocab_size, mmm_image) + _head(
+            mm.hidden_size, txt.vocab_size, mmm_text
         )
         fwd += 2 * B * (img.hidden_size + txt.hidden_size) * cfg.projection_dim + 2 * B * mm.hidden_size**2
     return 3 * fwd
