@@ -21,8 +21,9 @@ round-robin in expectation), two phases run in this one process:
   allocates on top of what is resident, and its ratio. `--compare-batch` runs this phase at another batch.
 
 Both phases first run one unmeasured step of every kind in the mix (loader workers start, first-call costs),
-then `--warmup` unmeasured steps. `--compile` and `--fused-adamw` switch on FlavaConfig.compile and
-torch's fused AdamW for our model only; `--threads 1` avoids OpenMP stalls on an oversubscribed CPU.
+then `--warmup` unmeasured steps. Our engine is built as the trainer builds it (fused AdamW; no gradient
+all-reduce on a single fp32 ZeRO-0 rank); `--compile` switches on FlavaConfig.compile for our model only;
+`--threads 1` avoids OpenMP stalls on an oversubscribed CPU.
 
 `--gather` also times the contrastive all-gather (forward + backward of the embeddings) over the
 data-parallel group against the image-text step time. Single process: a 1-rank gloo (CPU) or NCCL (GPU) group.
@@ -229,17 +230,19 @@ def ds_config(stage: int, precision: str, micro: int, clip: float) -> dict[str, 
     return config
 
 
-def build_engine(model: torch.nn.Module, config: dict[str, Any], lr: float, fused: bool):
-    """Our model under DeepSpeed with the trainer's AdamW parameter groups (`fused`: torch's fused AdamW kernel)."""
+def build_engine(model: torch.nn.Module, config: dict[str, Any], lr: float):
+    """Our model under DeepSpeed as the trainer builds it: its fused AdamW parameter groups, and no gradient
+    all-reduce where one fp32 ZeRO-0 rank has nothing to reduce."""
     import deepspeed
 
     from flava_ds.train.config import OptimizerSection
-    from flava_ds.train.trainer import param_groups
+    from flava_ds.train.trainer import param_groups, skip_single_rank_allreduce
 
     defaults = OptimizerSection()
     groups = param_groups(model, defaults.weight_decay, defaults.no_decay)
-    optimizer = torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+    optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    skip_single_rank_allreduce(engine, dp_size=1)
     return engine
 
 
@@ -274,8 +277,12 @@ def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch
 
 
 def our_step(engine, batch: dict[str, torch.Tensor]) -> float:
+    from flava_ds.train.trainer import zero_unused_gradients
+
     out = engine(**batch)
     engine.backward(out.loss)
+    if not engine.enable_backward_allreduce:  # as the trainer does after skip_single_rank_allreduce
+        zero_unused_gradients(engine.module)
     engine.step()
     return float(out.loss.detach())
 
@@ -461,9 +468,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=256, help="generated image-text pairs (half also image-only)")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient clipping, both models")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument(
-        "--fused-adamw", action="store_true", help="ours: torch.optim.AdamW(fused=True) (transformers: the default)"
-    )
     parser.add_argument("--peak-tflops", type=float, help="per-device peak for MFU (default: GPU lookup)")
     parser.add_argument("--gather", action="store_true", help="also time the contrastive all-gather")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -503,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         model = FlavaForPreTraining(cfg)
         if args.compare_steps > 0:  # transformers starts from these weights; loaded only after the train phases
             model.save_hf_pretrained(Path(tmp) / "hf_init")
-        engine = build_engine(model, ds_config(args.zero, precision, args.batch, args.clip), args.lr, args.fused_adamw)
+        engine = build_engine(model, ds_config(args.zero, precision, args.batch, args.clip), args.lr)
         report: dict[str, Any] = {
             "date": time.strftime("%Y-%m-%d"),
             "machine": torch.cuda.get_device_name()
@@ -518,7 +522,6 @@ def main(argv: list[str] | None = None) -> int:
             "zero": args.zero,
             "attn_impl": args.attn_impl,
             "compile": args.compile,
-            "fused_adamw": args.fused_adamw,
             "workers": args.workers,
             "peak_tflops": peak,
             "parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -1,0 +1,66 @@
+"""torchrun worker (1 rank): DeepSpeed ZeRO-0 fp32 engines trained on mixed batch kinds, with DeepSpeed's gradient
+all-reduce and without it (`skip_single_rank_allreduce` + `zero_unused_gradients`, as the trainer runs a single
+rank). Saves both final state dicts to OUT/result.pt. Usage: single_rank_worker.py OUT
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from flava_ds.model import FlavaConfig, FlavaForPreTraining
+from flava_ds.train.config import OptimizerSection
+from flava_ds.train.trainer import param_groups, skip_single_rank_allreduce, zero_unused_gradients
+from tests.model_inputs import make_batches
+
+KINDS = ["image_text", "text", "image", "text", "image_text", "image"]
+
+
+def build(model: FlavaForPreTraining, accum: int):
+    config = {
+        "train_micro_batch_size_per_gpu": 4,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": 0},
+        "steps_per_print": 10**6,
+    }
+    defaults = OptimizerSection()
+    optimizer = torch.optim.AdamW(param_groups(model, defaults.weight_decay, defaults.no_decay), lr=1e-3, fused=True)
+    return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
+
+
+def train(engine, batches: list[dict[str, torch.Tensor]], fill_unused: bool) -> dict[str, torch.Tensor]:
+    for batch in batches:
+        engine.backward(engine(**batch).loss)
+        if fill_unused and engine.is_gradient_accumulation_boundary():
+            zero_unused_gradients(engine.module)
+        engine.step()
+    return {k: v.clone() for k, v in engine.module.state_dict().items()}
+
+
+def main() -> None:
+    out_dir = Path(sys.argv[1])
+    deepspeed.init_distributed(dist_backend="gloo")
+    torch.manual_seed(0)
+    model = FlavaForPreTraining(FlavaConfig.preset("tiny"))
+    batches = [make_batches(model.config, seed=i)[kind] for i, kind in enumerate(KINDS)]
+    result: dict[int, dict] = {}
+    for accum in (1, 2):
+        reduced = build(copy.deepcopy(model), accum)
+        direct = build(copy.deepcopy(model), accum)
+        result[accum] = {
+            "skipped": skip_single_rank_allreduce(direct, dp_size=1),
+            "reduced": train(reduced, batches, fill_unused=False),
+            "direct": train(direct, batches, fill_unused=True),
+        }
+    torch.save(result, out_dir / "result.pt")
+
+
+if __name__ == "__main__":
+    main()
