@@ -103,13 +103,17 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--attn-impl", default="sdpa")
+    parser.add_argument("--compile", action="store_true", help="FlavaConfig.compile: torch.compile our blocks")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--memory-of", choices=["flava_ds", "transformers"], help=argparse.SUPPRESS)
     argv = sys.argv[1:]
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = FlavaConfig.preset(args.preset, attn_impl=args.attn_impl)
+    cfg = FlavaConfig.preset(args.preset, attn_impl=args.attn_impl, compile=args.compile)
     batch = make_batch(cfg, args.kind, args.batch, args.seq_len, args.device)
     clone = lambda: {k: v.clone() for k, v in batch.items()}  # transformers edits mim_labels in place
     if args.memory_of:  # only one model in this process, built directly: loading would raise the RSS peak
@@ -117,7 +121,10 @@ def main() -> None:
             model = FlavaForPreTraining(cfg)
         else:
             model = transformers.FlavaForPreTraining(transformers.FlavaConfig(**config_to_hf(cfg, None)))
-        print(peak_step_memory_mib(model.to(args.device).train(), clone(), args.device))
+        model = model.to(args.device).train()
+        if args.compile:  # compiling is not the step's memory
+            step(model, clone())
+        print(peak_step_memory_mib(model, clone(), args.device))
         return
 
     ours = FlavaForPreTraining(cfg)
@@ -140,7 +147,7 @@ def main() -> None:
 
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"preset={args.preset} kind={args.kind} batch={args.batch} seq_len={args.seq_len} device={args.device} "
-          f"fp32 attn_impl={args.attn_impl} threads={torch.get_num_threads()} repeats={args.repeats}")
+          f"fp32 attn_impl={args.attn_impl} compile={args.compile} threads={torch.get_num_threads()} repeats={args.repeats}")
     print(f"loss  flava_ds={loss_ours:.6f}  transformers={loss_theirs:.6f}")
     print(f"{'model':<14}{'fwd+bwd median s':>18}{'all runs':>30}{'peak MiB':>12}")
     for name in times:

@@ -41,6 +41,29 @@ class FlavaOutput:
     logits: dict[str, torch.Tensor] = field(default_factory=dict)  # mim, mlm, itm, mmm_*, contrastive_*
 
 
+@dataclass
+class PretrainingBatch:
+    """`forward`'s arguments, kept together on their way through the batch kinds' code paths."""
+
+    input_ids: torch.Tensor | None
+    input_ids_masked: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    pixel_values: torch.Tensor | None
+    bool_masked_pos: torch.Tensor | None
+    mim_labels: torch.Tensor | None
+    mlm_labels: torch.Tensor | None
+    itm_labels: torch.Tensor | None
+
+    @property
+    def has_text(self) -> bool:
+        return self.input_ids is not None or self.input_ids_masked is not None
+
+    @property
+    def text_ids(self) -> torch.Tensor | None:
+        """The ids the masked-modelling text pass reads: the masked ones when given."""
+        return self.input_ids_masked if self.input_ids_masked is not None else self.input_ids
+
+
 class FlavaForPreTraining(nn.Module):
     """Under tensor parallelism (`flava_ds.parallel.state.initialize_parallel` before construction) the encoders'
     attention and MLP projections and the text decoders are split over the TP ranks; `state_dict()` then holds
@@ -153,7 +176,7 @@ class FlavaForPreTraining(nn.Module):
         input_ids, input_ids_masked, attention_mask, mlm_labels: (B, L); pixel_values: (B, C, S, S);
         bool_masked_pos, mim_labels: (B, P) (codebook ids for all patches); itm_labels: (B,). Ignore index -100.
         """
-        self._check_inputs(
+        batch = PretrainingBatch(
             input_ids,
             input_ids_masked,
             attention_mask,
@@ -163,84 +186,64 @@ class FlavaForPreTraining(nn.Module):
             mlm_labels,
             itm_labels,
         )
-        has_text = input_ids is not None or input_ids_masked is not None
-        if pixel_values is not None and has_text:
-            return self._image_text(
-                input_ids,
-                input_ids_masked,
-                attention_mask,
-                pixel_values,
-                bool_masked_pos,
-                mim_labels,
-                mlm_labels,
-                itm_labels,
-            )
-        out = FlavaOutput()
-        if pixel_values is not None:
-            targets = None
-            if mim_labels is not None and self.config.mim_weight > 0:
-                targets = F.pad(_mim_targets(mim_labels, bool_masked_pos), (1, 0), value=IGNORE_INDEX)  # (B, 1+P)
-            index = _target_positions(targets)
-            _, image = self.image_encoder(pixel_values, bool_masked_pos, index)
-            if targets is not None:
-                self._masked_prediction(
-                    out, "mim", self.mim_head, image, targets.gather(1, index), self.config.mim_weight
-                )
-        else:
-            text_ids = input_ids_masked if input_ids_masked is not None else input_ids
-            targets = mlm_labels if mlm_labels is not None and self.config.mlm_weight > 0 else None
-            index = _target_positions(targets)
-            _, text = self.text_encoder(text_ids, _padding_mask(attention_mask), index)
-            if targets is not None:
-                self._masked_prediction(
-                    out, "mlm", self.mlm_head, text, targets.gather(1, index), self.config.mlm_weight
-                )
+        self._check_inputs(batch)
+        if batch.pixel_values is not None and batch.has_text:
+            return self._image_text(batch)
+        if batch.pixel_values is not None:
+            return self._image_only(batch)
+        return self._text_only(batch)
+
+    def _image_only(self, b: PretrainingBatch) -> FlavaOutput:
+        out, targets = FlavaOutput(), None
+        if b.mim_labels is not None and self.config.mim_weight > 0:
+            targets = F.pad(_mim_targets(b.mim_labels, b.bool_masked_pos), (1, 0), value=IGNORE_INDEX)  # (B, 1+P)
+        index = _target_positions(targets)
+        _, image = self.image_encoder(b.pixel_values, b.bool_masked_pos, index)
+        if targets is not None:
+            self._masked_prediction(out, "mim", self.mim_head, image, targets.gather(1, index), self.config.mim_weight)
         return self._finish(out)
 
-    def _image_text(
-        self,
-        input_ids,
-        input_ids_masked,
-        attention_mask,
-        pixel_values,
-        bool_masked_pos,
-        mim_labels,
-        mlm_labels,
-        itm_labels,
-    ) -> FlavaOutput:
+    def _text_only(self, b: PretrainingBatch) -> FlavaOutput:
+        out = FlavaOutput()
+        targets = b.mlm_labels if b.mlm_labels is not None and self.config.mlm_weight > 0 else None
+        index = _target_positions(targets)
+        _, text = self.text_encoder(b.text_ids, _padding_mask(b.attention_mask), index)
+        if targets is not None:
+            self._masked_prediction(out, "mlm", self.mlm_head, text, targets.gather(1, index), self.config.mlm_weight)
+        return self._finish(out)
+
+    def _image_text(self, b: PretrainingBatch) -> FlavaOutput:
         cfg, out = self.config, FlavaOutput()
-        padding = _padding_mask(attention_mask)
-        need_contrastive = cfg.global_contrastive_weight > 0 and input_ids is not None
+        padding = _padding_mask(b.attention_mask)
+        need_contrastive = cfg.global_contrastive_weight > 0 and b.input_ids is not None
         need_fusion = max(cfg.itm_weight, cfg.mmm_image_weight, cfg.mmm_text_weight) > 0
 
-        text_ids = input_ids_masked if input_ids_masked is not None else input_ids
-        reuse_image = need_fusion and bool_masked_pos is None  # the unmasked views feed fusion too: keep all
-        reuse_text = need_fusion and text_ids is input_ids
+        reuse_image = need_fusion and b.bool_masked_pos is None  # the unmasked views feed fusion too: keep all
+        reuse_text = need_fusion and b.text_ids is b.input_ids
         image = text = None
         if need_contrastive:  # unmasked views; the contrastive loss reads their CLS only
-            image = self.image_encoder(pixel_values, None, None if reuse_image else _cls_only(pixel_values))
-            text = self.text_encoder(input_ids, padding, None if reuse_text else _cls_only(input_ids))
+            image = self.image_encoder(b.pixel_values, None, None if reuse_image else _cls_only(b.pixel_values))
+            text = self.text_encoder(b.input_ids, padding, None if reuse_text else _cls_only(b.input_ids))
 
         row_mask = None
-        if itm_labels is not None:  # MMM and contrastive queries use matched pairs only (all if none matched)
-            matched = itm_labels.ne(0)
+        if b.itm_labels is not None:  # MMM and contrastive queries use matched pairs only (all if none matched)
+            matched = b.itm_labels.ne(0)
             row_mask = matched | ~matched.any()
 
         if need_fusion:
             image_masked = (
-                image if reuse_image and image is not None else self.image_encoder(pixel_values, bool_masked_pos)
+                image if reuse_image and image is not None else self.image_encoder(b.pixel_values, b.bool_masked_pos)
             )
-            text_masked = text if reuse_text and text is not None else self.text_encoder(text_ids, padding)
+            text_masked = text if reuse_text and text is not None else self.text_encoder(b.text_ids, padding)
             # targets over the fused sequence [CLS_M, CLS_I, P patches, L tokens]; MMM reads matched rows only
             P, L = image_masked[0].shape[1] - 1, text_masked[0].shape[1]
             mmm_image = mmm_text = None
-            if mim_labels is not None and cfg.mmm_image_weight > 0:
-                mmm_image = _rows(
-                    F.pad(_mim_targets(mim_labels, bool_masked_pos), (2, L), value=IGNORE_INDEX), row_mask
-                )
-            if mlm_labels is not None and cfg.mmm_text_weight > 0:
-                mmm_text = _rows(F.pad(mlm_labels, (2 + P, 0), value=IGNORE_INDEX), row_mask)
-            wanted = torch.zeros(text_ids.shape[0], 2 + P + L, dtype=torch.bool, device=text_ids.device)
+            if b.mim_labels is not None and cfg.mmm_image_weight > 0:
+                mmm_image = F.pad(_mim_targets(b.mim_labels, b.bool_masked_pos), (2, L), value=IGNORE_INDEX)
+                mmm_image = _rows(mmm_image, row_mask)
+            if b.mlm_labels is not None and cfg.mmm_text_weight > 0:
+                mmm_text = _rows(F.pad(b.mlm_labels, (2 + P, 0), value=IGNORE_INDEX), row_mask)
+            wanted = torch.zeros(b.text_ids.shape[0], 2 + P + L, dtype=torch.bool, device=b.text_ids.device)
             wanted[:, 0] = True  # CLS_M, read by ITM
             for targets in (mmm_image, mmm_text):
                 if targets is not None:
@@ -255,8 +258,8 @@ class FlavaForPreTraining(nn.Module):
             if cfg.itm_weight > 0:
                 itm_logits = self.itm_head(fused[:, 0])
                 out.logits["itm"] = itm_logits
-                if itm_labels is not None:
-                    out.losses["itm"] = F.cross_entropy(itm_logits, itm_labels) * cfg.itm_weight
+                if b.itm_labels is not None:
+                    out.losses["itm"] = F.cross_entropy(itm_logits, b.itm_labels) * cfg.itm_weight
             if mmm_image is not None:
                 self._masked_prediction(
                     out, "mmm_image", self.mmm_image_head, fused, mmm_image.gather(1, index), cfg.mmm_image_weight
@@ -313,36 +316,21 @@ class FlavaForPreTraining(nn.Module):
             out.loss = torch.stack(list(out.losses.values())).sum()
         return out
 
-    def _check_inputs(
-        self,
-        input_ids,
-        input_ids_masked,
-        attention_mask,
-        pixel_values,
-        bool_masked_pos,
-        mim_labels,
-        mlm_labels,
-        itm_labels,
-    ) -> None:
+    def _check_inputs(self, b: PretrainingBatch) -> None:
         """Missing or wrongly shaped arguments raise ValueError naming the argument and the expected shape."""
         img = self.config.image
-        has_text = input_ids is not None or input_ids_masked is not None
-        if pixel_values is None and not has_text:
+        if b.pixel_values is None and not b.has_text:
             raise ValueError("FlavaForPreTraining.forward: pass pixel_values (B, C, H, W) and/or input_ids (B, L)")
-        B = (
-            pixel_values.shape[0]
-            if pixel_values is not None
-            else (input_ids if input_ids is not None else input_ids_masked).shape[0]
-        )
+        B = (b.pixel_values if b.pixel_values is not None else b.text_ids).shape[0]  # B from images, else text
         P = img.num_patches
-        if pixel_values is not None:
-            _expect("pixel_values", pixel_values, (B, img.num_channels, img.image_size, img.image_size))
-            _expect("bool_masked_pos", bool_masked_pos, (B, P))
-            _expect("mim_labels", mim_labels, (B, P))
-            if mim_labels is not None and bool_masked_pos is None:
+        if b.pixel_values is not None:
+            _expect("pixel_values", b.pixel_values, (B, img.num_channels, img.image_size, img.image_size))
+            _expect("bool_masked_pos", b.bool_masked_pos, (B, P))
+            _expect("mim_labels", b.mim_labels, (B, P))
+            if b.mim_labels is not None and b.bool_masked_pos is None:
                 raise ValueError(f"mim_labels given without bool_masked_pos: pass bool_masked_pos of shape ({B}, {P})")
-        if has_text:
-            ref = input_ids if input_ids is not None else input_ids_masked
+        if b.has_text:
+            ref = b.input_ids if b.input_ids is not None else b.input_ids_masked
             if ref.dim() != 2:
                 raise ValueError(f"input_ids: expected shape (batch, seq_len), got {tuple(ref.shape)}")
             L = ref.shape[1]
@@ -351,23 +339,19 @@ class FlavaForPreTraining(nn.Module):
                     f"input_ids: seq_len {L} exceeds "
                     f"text.max_position_embeddings={self.config.text.max_position_embeddings}"
                 )
-            for name, t in (
-                ("input_ids", input_ids),
-                ("input_ids_masked", input_ids_masked),
-                ("attention_mask", attention_mask),
-                ("mlm_labels", mlm_labels),
-            ):
-                _expect(name, t, (B, L))
+            for name in ("input_ids", "input_ids_masked", "attention_mask", "mlm_labels"):
+                _expect(name, getattr(b, name), (B, L))
         else:
-            for name, t in (
-                ("attention_mask", attention_mask),
-                ("mlm_labels", mlm_labels),
-                ("itm_labels", itm_labels),
-            ):
-                if t is not None:
+            for name in ("attention_mask", "mlm_labels", "itm_labels"):
+                if getattr(b, name) is not None:
                     raise ValueError(f"{name} given without input_ids: pass input_ids of shape (batch, seq_len)")
-        _expect("itm_labels", itm_labels, (B,))
-        if pixel_values is not None and has_text and self.config.global_contrastive_weight > 0 and input_ids is None:
+        _expect("itm_labels", b.itm_labels, (B,))
+        if (
+            b.pixel_values is not None
+            and b.has_text
+            and self.config.global_contrastive_weight > 0
+            and b.input_ids is None
+        ):
             raise ValueError(f"image-text batch: the contrastive loss needs the unmasked input_ids of shape ({B}, L)")
 
 
