@@ -90,8 +90,9 @@ def _proc_status_kib(field: str) -> int:
 
 def memory_in_fresh_process(which: str, argv: list[str]) -> float:
     """CPU peak RSS is per process and never goes down, so each model is measured in its own process."""
-    out = subprocess.run([sys.executable, __file__, *argv, "--memory-of", which],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, *argv, "--memory-of", which], check=True, capture_output=True, text=True
+    ).stdout
     return float(out.strip().splitlines()[-1])
 
 
@@ -140,21 +141,27 @@ def main() -> None:
         times["flava_ds"].append(timed(ours, batch, args.device))
         times["transformers"].append(timed(theirs, clone(), args.device))
     if args.device == "cuda":
-        mem = {"flava_ds": peak_step_memory_mib(ours, batch, args.device),
-               "transformers": peak_step_memory_mib(theirs, clone(), args.device)}
+        mem = {
+            "flava_ds": peak_step_memory_mib(ours, batch, args.device),
+            "transformers": peak_step_memory_mib(theirs, clone(), args.device),
+        }
     else:
         mem = {name: memory_in_fresh_process(name, argv) for name in times}
 
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"preset={args.preset} kind={args.kind} batch={args.batch} seq_len={args.seq_len} device={args.device} "
-          f"fp32 attn_impl={args.attn_impl} compile={args.compile} threads={torch.get_num_threads()} repeats={args.repeats}")
+    print(
+        f"preset={args.preset} kind={args.kind} batch={args.batch} seq_len={args.seq_len} device={args.device} fp32 "
+        f"attn_impl={args.attn_impl} compile={args.compile} threads={torch.get_num_threads()} repeats={args.repeats}"
+    )
     print(f"loss  flava_ds={loss_ours:.6f}  transformers={loss_theirs:.6f}")
     print(f"{'model':<14}{'fwd+bwd median s':>18}{'all runs':>30}{'peak MiB':>12}")
     for name in times:
         runs = " ".join(f"{t:.2f}" for t in times[name])
         print(f"{name:<14}{med[name]:>18.3f}{runs:>30}{mem[name]:>12.0f}")
-    print(f"ratio flava_ds/transformers: time {med['flava_ds'] / med['transformers']:.3f}x, "
-          f"peak memory {mem['flava_ds'] / mem['transformers']:.3f}x")
+    print(
+        f"ratio flava_ds/transformers: time {med['flava_ds'] / med['transformers']:.3f}x, "
+        f"peak memory {mem['flava_ds'] / mem['transformers']:.3f}x"
+    )
 
 
 if __name__ == "__main__":

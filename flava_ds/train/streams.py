@@ -6,12 +6,19 @@ and moves on only when the trainer calls `advance(task)`. The whole position is
 `state_dict()`, saved in every checkpoint.
 
 Every dataset is wrapped in `TolerantDataset` (a sample that fails to decode is replaced and counted; each
-batch carries the count as `bad_samples`), and loader workers ignore SIGTERM/SIGUSR1: SLURM signals every
-process of a job, and only the trainer decides when to stop (a dead worker would abort the checkpoint).
+batch carries the count as `bad_samples`), and loader workers and their fork server ignore SIGTERM/SIGUSR1:
+SLURM signals every process of a job, and only the trainer decides when to stop (a dead worker would abort the
+checkpoint).
+
+Workers start from a fork server, not by forking the trainer: a worker forked from the trainer keeps the pages of
+everything the trainer held at that moment, and every in-place update of weights, gradients and optimizer state in
+host memory (CPU training, ZeRO-Offload) then copies them, so each worker start pinned another model's worth of
+memory (FLAVA-full on CPU: +5 GB per worker, until the kernel killed the job).
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +35,14 @@ from flava_ds.data.text_dataset import TextCollator, TextDataset
 from flava_ds.data.tokenizer import Tokenizer
 from flava_ds.data.tolerant import BAD_SAMPLES, TolerantDataset
 from flava_ds.train.config import DataSection, StreamConfig
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["flava_ds.train.loader_server"])  # stop signals ignored, readers imported
+    return context
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -64,6 +79,7 @@ class Stream:
                 num_workers=self.num_workers,
                 prefetch_factor=4 if self.num_workers else None,
                 worker_init_fn=_ignore_stop_signals if self.num_workers else None,
+                multiprocessing_context=_worker_context() if self.num_workers else None,
             )
             self._iterator = iter(loader)
         return next(self._iterator)
