@@ -21,7 +21,7 @@ class _Constant:
 def test_loader_workers_do_not_pin_the_trainers_memory():
     """A worker forked from the trainer would keep every page the trainer held (weights, optimizer state) and the
     trainer's next in-place update would copy them all: one more model's worth of host memory per worker."""
-    held = torch.ones(2**28)  # 1 GiB the trainer holds and then updates in place
+    held = torch.ones(2**29)  # 2 GiB the trainer holds and then updates in place (a loader process: ~0.5 GiB)
     stream = Stream(_Constant(), CountingCollate(default_collate), ResumableDistributedSampler(64, 4), num_workers=1)
     assert stream.next_batch()["x"].shape == (4, 4)
     held.add_(1.0)
