@@ -1,5 +1,5 @@
 """torchrun worker (1 rank): DeepSpeed ZeRO-0 fp32 engines trained on mixed batch kinds, with DeepSpeed's gradient
-all-reduce and without it (`skip_single_rank_allreduce` + `zero_unused_gradients`, as the trainer runs a single
+all-reduce and without it (`skip_single_rank_allreduce` + `fill_unreduced_gradients`, as the trainer runs a single
 rank). Saves both final state dicts to OUT/result.pt. Usage: single_rank_worker.py OUT
 """
 
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flava_ds.model import FlavaConfig, FlavaForPreTraining
 from flava_ds.train.config import OptimizerSection
-from flava_ds.train.trainer import param_groups, skip_single_rank_allreduce, zero_unused_gradients
+from flava_ds.train.trainer import fill_unreduced_gradients, param_groups, skip_single_rank_allreduce
 from tests.model_inputs import make_batches
 
 KINDS = ["image_text", "text", "image", "text", "image_text", "image"]
@@ -35,11 +35,10 @@ def build(model: FlavaForPreTraining, accum: int):
     return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
 
 
-def train(engine, batches: list[dict[str, torch.Tensor]], fill_unused: bool) -> dict[str, torch.Tensor]:
-    for batch in batches:
+def train(engine, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    for batch in batches:  # the trainer's step
         engine.backward(engine(**batch).loss)
-        if fill_unused and engine.is_gradient_accumulation_boundary():
-            zero_unused_gradients(engine.module)
+        fill_unreduced_gradients(engine)
         engine.step()
     return {k: v.clone() for k, v in engine.module.state_dict().items()}
 
@@ -56,8 +55,8 @@ def main() -> None:
         direct = build(copy.deepcopy(model), accum)
         result[accum] = {
             "skipped": skip_single_rank_allreduce(direct, dp_size=1),
-            "reduced": train(reduced, batches, fill_unused=False),
-            "direct": train(direct, batches, fill_unused=True),
+            "reduced": train(reduced, batches),
+            "direct": train(direct, batches),
         }
     torch.save(result, out_dir / "result.pt")
 

@@ -277,12 +277,11 @@ def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch
 
 
 def our_step(engine, batch: dict[str, torch.Tensor]) -> float:
-    from flava_ds.train.trainer import zero_unused_gradients
+    from flava_ds.train.trainer import fill_unreduced_gradients
 
     out = engine(**batch)
     engine.backward(out.loss)
-    if not engine.enable_backward_allreduce:  # as the trainer does after skip_single_rank_allreduce
-        zero_unused_gradients(engine.module)
+    fill_unreduced_gradients(engine)
     engine.step()
     return float(out.loss.detach())
 

@@ -66,7 +66,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: list[str
 def skip_single_rank_allreduce(engine, dp_size: int) -> bool:
     """ZeRO-0 in fp32 with one data-parallel rank: nothing to all-reduce, yet DeepSpeed flattens every gradient into
     a buffer, "reduces" it over the 1-rank group and copies it back (0.6 s of a 2.4 s FLAVA-full text step on one
-    CPU thread). Turn that off; the caller then runs `zero_unused_gradients` before each optimizer step, so the
+    CPU thread). Turn that off; the caller then runs `fill_unreduced_gradients` before each `engine.step()`, so the
     update is the one the reduction gives. Mixed precision and ZeRO-1/2/3 keep DeepSpeed's own gradient path."""
     if dp_size > 1 or engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
         return False
@@ -74,10 +74,13 @@ def skip_single_rank_allreduce(engine, dp_size: int) -> bool:
     return True
 
 
-def zero_unused_gradients(module: torch.nn.Module) -> None:
-    """Give parameters a step did not use (the text tower on an image step) the zero gradient DeepSpeed's reduction
-    gives them, so AdamW decays and moves them exactly as it does on many ranks and under ZeRO-1/2/3."""
-    for param in module.parameters():
+def fill_unreduced_gradients(engine) -> None:
+    """Before `engine.step()`: where `skip_single_rank_allreduce` turned the reduction off, give parameters the
+    step did not use (the text tower on an image step) the zero gradient the reduction gives them, so AdamW decays
+    and moves them exactly as on many ranks and under ZeRO-1/2/3. A no-op everywhere else."""
+    if engine.enable_backward_allreduce or not engine.is_gradient_accumulation_boundary():
+        return
+    for param in engine.module.parameters():
         if param.requires_grad and param.grad is None:
             param.grad = torch.zeros_like(param)
 
@@ -173,7 +176,7 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
         )
         self.zero_stage = self.engine.zero_optimization_stage()
-        self.fill_unused_gradients = skip_single_rank_allreduce(self.engine, self.dp_size)
+        skip_single_rank_allreduce(self.engine, self.dp_size)
         self.fp16 = self.engine.fp16_enabled()
         # DeepSpeed skips a non-finite update itself with ZeRO-1/2 (any precision) and fp16 (any stage)
         self.can_skip_nonfinite = self.zero_stage in (1, 2) or self.fp16
@@ -293,8 +296,7 @@ class Trainer:
                         "intact. Use ZeRO-1/2 or fp16 to skip such steps instead."
                     )
             self.engine.backward(out.loss)
-            if self.fill_unused_gradients and self.engine.is_gradient_accumulation_boundary():
-                zero_unused_gradients(self.engine.module)
+            fill_unreduced_gradients(self.engine)
             self.engine.step()
             if micro == self.accum - 1:
                 self._clear_stale_zero3_gradients()
