@@ -101,7 +101,8 @@ def test_only_needed_parts_run():
 
 @pytest.mark.parametrize("attn_impl", ["sdpa", "eager"])
 def test_last_block_on_selected_positions_equals_full(attn_impl):
-    """query_index: the last block's outputs (and every gradient) at those positions equal the full pass's."""
+    """query_index: the last block's outputs (and every gradient) at those positions equal the full pass's.
+    Padded positions are not computed in the full pass (zeros there); a loss never reads them."""
     torch.manual_seed(6)
     cfg = FlavaConfig.preset("tiny", attn_impl=attn_impl).text
     encoder = Encoder(cfg, attn_impl, activation_checkpointing=False)
@@ -115,8 +116,9 @@ def test_last_block_on_selected_positions_equals_full(attn_impl):
     for row in range(3):
         n = int(wanted[row].sum())
         assert index[row, :n].tolist() == wanted[row].nonzero().flatten().tolist()
-    full = gather_positions(encoder(x, padding), index)
-    selected = encoder(x, padding, index)
+    real = padding.gather(1, index)[..., None]  # filler positions may be padding
+    full = gather_positions(encoder(x, padding), index) * real
+    selected = encoder(x, padding, index) * real
     torch.testing.assert_close(selected, full, atol=1e-6, rtol=1e-5)
     weight = torch.randn_like(full)
     grads_full = torch.autograd.grad((full * weight).sum(), [x, *encoder.parameters()])
@@ -125,28 +127,62 @@ def test_last_block_on_selected_positions_equals_full(attn_impl):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
-def test_last_blocks_compute_only_what_losses_read():
-    """Contrastive views end on CLS, fusion on CLS + matched rows' masked positions, MIM/MLM on masked positions."""
+def test_blocks_compute_only_what_losses_read():
+    """Padding is never computed; the last blocks of the contrastive views end on CLS, fusion's on CLS + matched
+    rows' masked positions (+ filler up to the longest row), MIM/MLM's on masked positions."""
     torch.manual_seed(2)
-    model = FlavaForPreTraining(FlavaConfig.preset("tiny"))
-    rows: dict[str, list[int]] = {}
+    model = FlavaForPreTraining(FlavaConfig.preset("tiny", multimodal={"num_layers": 2}))
+    rows: dict[str, list[int]] = {}  # per encoder and block (first, last): output rows of each call
     for name in ("image_encoder", "text_encoder", "multimodal_encoder"):
-        getattr(model, name).encoder.layers[-1].register_forward_hook(
-            lambda _m, _i, out, n=name: rows.setdefault(n, []).append(out.shape[1])
-        )
-    batches = make_batches(model.config)
-    model(**batches["image_text"])
-    P, L = model.config.image.num_patches, batches["image_text"]["input_ids"].shape[1]
-    assert rows["image_encoder"] == [1, 1 + P] and rows["text_encoder"] == [1, L]
-    matched = batches["image_text"]["itm_labels"].bool()
-    wanted = 1 + (batches["image_text"]["bool_masked_pos"] & matched[:, None]).sum(1)
-    wanted += ((batches["image_text"]["mlm_labels"] != -100) & matched[:, None]).sum(1)
-    assert rows["multimodal_encoder"] == [int(wanted.max())] and wanted.max() < 2 + P + L
+        for which, block in (("first", 0), ("last", -1)):
+            getattr(model, name).encoder.layers[block].register_forward_hook(
+                lambda _m, _i, out, key=f"{name}.{which}": rows.setdefault(key, []).append(out[..., 0].numel())
+            )
+    batch = make_batches(model.config)["image_text"]
+    model(**batch)
+    B, L = batch["input_ids"].shape
+    P, real_text = model.config.image.num_patches, int(batch["attention_mask"].sum())
+    assert real_text < B * L
+    assert rows["image_encoder.first"] == [B * (1 + P)] * 2 and rows["image_encoder.last"] == [B, B * (1 + P)]
+    assert rows["text_encoder.first"] == [real_text] * 2 and rows["text_encoder.last"] == [B, real_text]
+    assert rows["multimodal_encoder.first"] == [B * (2 + P) + real_text]
+    matched = batch["itm_labels"].bool()
+    wanted = 1 + (batch["bool_masked_pos"] & matched[:, None]).sum(1)
+    wanted += ((batch["mlm_labels"] != -100) & matched[:, None]).sum(1)
+    assert rows["multimodal_encoder.last"] == [B * int(wanted.max())] and wanted.max() < 2 + P + L
     rows.clear()
-    model(**batches["image"])
-    model(**batches["text"])
-    assert rows["image_encoder"] == [int(batches["image"]["bool_masked_pos"].sum(1).max())]
-    assert rows["text_encoder"] == [int((batches["text"]["mlm_labels"] != -100).sum(1).max())]
+    image, text = make_batches(model.config)["image"], make_batches(model.config)["text"]
+    model(**image)
+    model(**text)
+    assert rows["image_encoder.last"] == [B * int(image["bool_masked_pos"].sum(1).max())]
+    assert rows["text_encoder.first"] == [int(text["attention_mask"].sum())]
+    assert rows["text_encoder.last"] == [B * int((text["mlm_labels"] != -100).sum(1).max())]
+
+
+def test_padding_changes_no_real_output():
+    """A caption's states and gradients are the same alone (unpadded) and padded in a batch of longer ones."""
+    torch.manual_seed(4)
+    cfg = FlavaConfig.preset("tiny")
+    encoder = Encoder(cfg.text, cfg.attn_impl, activation_checkpointing=False)
+    lengths = [9, 4, 6]
+    x = torch.randn(3, 9, cfg.text.hidden_size, requires_grad=True)
+    padding = torch.arange(9)[None, :] < torch.tensor(lengths)[:, None]
+    batched = encoder(x, padding)
+    assert batched[~padding].abs().max() == 0  # padded positions: zeros, never computed
+    weight = torch.randn_like(batched)
+    grads = torch.autograd.grad((batched * weight * padding[..., None]).sum(), [x, *encoder.parameters()])
+    alone_grads = [torch.zeros_like(g) for g in grads]
+    for row, n in enumerate(lengths):
+        xs = x[row : row + 1, :n].detach().requires_grad_()
+        alone = encoder(xs)
+        torch.testing.assert_close(batched[row : row + 1, :n], alone, atol=1e-5, rtol=1e-5)
+        row_grads = torch.autograd.grad((alone * weight[row : row + 1, :n]).sum(), [xs, *encoder.parameters()])
+        alone_grads[0][row : row + 1, :n] = row_grads[0]
+        for total, g in zip(alone_grads[1:], row_grads[1:]):
+            total += g
+    assert grads[0][~padding].abs().max() == 0
+    for a, b in zip(grads, alone_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_poolers_are_frozen_and_unused():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,15 +24,26 @@ class SelfAttention(nn.Module):
         self.proj = row_parallel_linear(cfg.hidden_size, cfg.hidden_size)
 
     def forward(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None, query_index: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        query_index: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
-        """x (B, N, H) -> (B, N, H), or (B, Q, H) for the positions `query_index` (B, Q) only (keys: all N)."""
-        B, N, _ = x.shape
-        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
+        """x (B, N, H) -> (B, N, H), or (B, Q, H) for the positions `query_index` (B, Q) only (keys: all N).
+        With `packing`, x is (1, T, H), the real tokens only, and so is the output unless `query_index` is given."""
+        qkv = self.qkv(x)  # (B, N, 3H), or (1, T, 3H) packed
+        if packing is not None:  # attention itself runs padded: each row's keys are its own tokens
+            qkv = packing.unpack(qkv)
+        B, N, _ = qkv.shape
+        q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
         if query_index is not None:
             q = q.gather(2, query_index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))  # (B, h, Q, d)
         out = attention(q, k, v, key_padding_mask, self.attn_impl)  # (B, h, Q, d)
-        return self.proj(out.transpose(1, 2).reshape(B, q.shape[2], -1))
+        out = out.transpose(1, 2).reshape(B, q.shape[2], -1)  # (B, Q, H)
+        if packing is not None and query_index is None:
+            out = packing.pack(out)
+        return self.proj(out)
 
 
 class Block(nn.Module):
@@ -43,10 +56,16 @@ class Block(nn.Module):
         self.mlp_out = row_parallel_linear(cfg.mlp_size, cfg.hidden_size)
 
     def forward(
-        self, x: torch.Tensor, key_padding_mask: torch.Tensor | None, query_index: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        query_index: torch.Tensor | None = None,
+        packing: Packing | None = None,
     ) -> torch.Tensor:
-        residual = x if query_index is None else gather_positions(x, query_index)
-        x = self.attn(self.norm1(x), key_padding_mask, query_index) + residual
+        residual = x
+        if query_index is not None:
+            residual = gather_positions(x if packing is None else packing.unpack(x), query_index)
+        x = self.attn(self.norm1(x), key_padding_mask, query_index, packing) + residual
         return self.mlp_out(F.gelu(self.mlp_in(self.norm2(x)))) + x
 
 
@@ -56,6 +75,10 @@ class Encoder(nn.Module):
     With `query_index` (B, Q) the last block computes only those positions' outputs, (B, Q, H): a loss that reads
     a few positions (CLS for contrastive/ITM, masked ones for MIM/MLM/MMM) skips most of that block, whose keys
     and values still come from every position. Earlier blocks always compute every position.
+
+    With padding in `key_padding_mask`, the projections, MLPs and norms run on the real tokens only (`Packing`):
+    a padded position never influences a real one (its key is masked), so skipping it changes no real output.
+    Padded positions of the result are zeros.
     """
 
     def __init__(self, cfg: EncoderConfig, attn_impl: str, activation_checkpointing: bool, compile: bool = False):
@@ -72,14 +95,47 @@ class Encoder(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         query_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        packing = Packing.of(key_padding_mask)
+        if packing is not None:
+            x = packing.pack(x)  # (1, T, H)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            args = (x, key_padding_mask, query_index if i == last else None)
+            args = (x, key_padding_mask, query_index if i == last else None, packing)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, *args, use_reentrant=False)
             else:
                 x = layer(*args)
+        if packing is not None and query_index is None:
+            x = packing.unpack(x)
         return x
+
+
+@dataclass
+class Packing:
+    """Where the real tokens of a padded batch sit, so per-token work (projections, MLP, norms) skips padding.
+
+    Packed tensors are (1, T, ...), T real tokens: 3-D like the padded (B, N, ...) ones, as megatron-core's
+    tensor-parallel linear layers expect."""
+
+    index: torch.Tensor  # (T,) positions of the real tokens in the flattened (B * N) batch
+    batch: int
+    length: int
+
+    @classmethod
+    def of(cls, key_padding_mask: torch.Tensor | None) -> Packing | None:
+        """None when nothing is padded (packing would only add copies)."""
+        if key_padding_mask is None or bool(key_padding_mask.all()):
+            return None
+        return cls(key_padding_mask.flatten().nonzero().squeeze(1), *key_padding_mask.shape)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, ...) -> (1, T, ...)."""
+        return x.flatten(0, 1).index_select(0, self.index).unsqueeze(0)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(1, T, ...) -> (B, N, ...), zeros at padded positions."""
+        flat = x.new_zeros(self.batch * self.length, *x.shape[2:]).index_copy(0, self.index, x[0])
+        return flat.view(self.batch, self.length, *x.shape[2:])
 
 
 def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -35,20 +35,24 @@ def peak_tflops(override: float | None) -> float | None:
     return None
 
 
-def _encoder(cfg: EncoderConfig, batch: int, tokens: int, last_queries: int | None = None) -> float:
-    """`last_queries`: positions (summed over the batch) whose last-layer output a loss reads; the last layer
-    needs keys and values of every position but queries, projection and MLP only for those."""
+def _encoder(cfg: EncoderConfig, lengths: torch.Tensor, last_queries: torch.Tensor | None = None) -> float:
+    """`lengths` (B,): each row's real tokens (padding is never computed); `last_queries` (B,): the positions
+    whose last-layer output a loss reads. The last layer needs keys and values of every real token, but queries,
+    projection and MLP only for those."""
     H, M = cfg.hidden_size, cfg.mlp_size
+    lengths = lengths.double()
+    tokens = float(lengths.sum())
 
-    def layer(queries: int) -> float:
-        return 2 * batch * tokens * 2 * H * H + 2 * queries * (2 * H * H + 2 * H * M) + 4 * queries * tokens * H
+    def layer(queries: torch.Tensor) -> float:
+        attention = 4 * H * float((queries * lengths).sum())  # scores and weighted values over the row's keys
+        return 2 * tokens * 2 * H * H + 2 * float(queries.sum()) * (2 * H * H + 2 * H * M) + attention
 
-    last = batch * tokens if last_queries is None else last_queries
-    return (cfg.num_layers - 1) * layer(batch * tokens) + layer(last)
+    last = lengths if last_queries is None else last_queries.double()
+    return (cfg.num_layers - 1) * layer(lengths) + layer(last)
 
 
-def _head(hidden: int, vocab: int, positions: int) -> float:
-    return 2 * positions * (hidden * hidden + hidden * vocab)
+def _head(hidden: int, vocab: int, positions: torch.Tensor) -> float:
+    return 2 * float(positions.sum()) * (hidden * hidden + hidden * vocab)
 
 
 def batch_flops(cfg: FlavaConfig, task: str, batch: dict[str, torch.Tensor]) -> float:
@@ -58,24 +62,27 @@ def batch_flops(cfg: FlavaConfig, task: str, batch: dict[str, torch.Tensor]) -> 
     if "pixel_values" in batch:
         B, P = batch["pixel_values"].shape[0], img.num_patches
         patches = 2 * B * P * img.num_channels * img.patch_size**2 * img.hidden_size
-        masked = int(batch["bool_masked_pos"].sum())
+        image_lengths = torch.full((B,), P + 1)
+        masked = batch["bool_masked_pos"].sum(1)
     if "input_ids" in batch:
         B, L = batch["input_ids"].shape
-        masked_text = int((batch["mlm_labels"] != -100).sum())
+        text_lengths = batch["attention_mask"].sum(1) if "attention_mask" in batch else torch.full((B,), L)
+        masked_text = (batch["mlm_labels"] != -100).sum(1)
     if task == "image":
-        fwd = patches + _encoder(img, B, P + 1, masked) + _head(img.hidden_size, img.codebook_vocab_size, masked)
+        fwd = patches + _encoder(img, image_lengths, masked) + _head(img.hidden_size, img.codebook_vocab_size, masked)
     elif task == "text":
-        fwd = _encoder(txt, B, L, masked_text) + _head(txt.hidden_size, txt.vocab_size, masked_text)
+        fwd = _encoder(txt, text_lengths, masked_text) + _head(txt.hidden_size, txt.vocab_size, masked_text)
     else:
+        cls = torch.ones(B)
         # unmasked views (the contrastive loss reads CLS) and masked views (all positions feed fusion)
-        fwd = 2 * patches + _encoder(img, B, P + 1, B) + _encoder(img, B, P + 1)
-        fwd += _encoder(txt, B, L, B) + _encoder(txt, B, L)
-        fwd += 2 * B * ((P + 1) * img.hidden_size + L * txt.hidden_size) * mm.hidden_size  # to-mm projections
+        fwd = 2 * patches + _encoder(img, image_lengths, cls) + _encoder(img, image_lengths)
+        fwd += _encoder(txt, text_lengths, cls) + _encoder(txt, text_lengths)
+        real_text = float(text_lengths.sum())
+        fwd += 2 * (B * (P + 1) * img.hidden_size + real_text * txt.hidden_size) * mm.hidden_size  # to-mm
         matched = batch["itm_labels"].bool() if "itm_labels" in batch else torch.ones(B, dtype=torch.bool)
         matched |= ~matched.any()  # MMM reads matched pairs only (all if none matched)
-        mmm_image = int(batch["bool_masked_pos"][matched].sum())
-        mmm_text = int((batch["mlm_labels"][matched] != -100).sum())
-        fwd += _encoder(mm, B, 1 + (P + 1) + L, B + mmm_image + mmm_text)  # CLS_M (ITM) + MMM positions
+        mmm_image, mmm_text = masked * matched, masked_text * matched
+        fwd += _encoder(mm, 2 + P + text_lengths, cls + mmm_image + mmm_text)  # CLS_M (ITM) + MMM positions
         fwd += _head(mm.hidden_size, img.codebook_vocab_size, mmm_image) + _head(
             mm.hidden_size, txt.vocab_size, mmm_text
         )
