@@ -29,3 +29,34 @@ def test_loader_workers_do_not_pin_the_trainers_memory():
     assert helpers, "no loader worker process was started"
     largest = max(p.memory_info().rss for p in helpers)
     assert largest < held.nbytes / 2, f"a loader process holds {largest / 2**20:.0f} MiB"
+
+
+class _Indexed:
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, key) -> int:
+        return key.index
+
+
+def test_background_receiving_keeps_order_and_resume_positions():
+    """With workers, the next batch is received while the trainer computes; the batches, and where a stream
+    continues after loading an earlier position (a resumed run), are those of the in-process loader."""
+
+    def batches(workers: int) -> list[list[int]]:
+        stream = Stream(_Indexed(), default_collate, ResumableDistributedSampler(64, 4), workers)
+        out = []
+        for step in range(6):
+            if step == 1:
+                saved = stream.sampler.state_dict()
+            if step == 3:  # what resuming from a checkpoint does: the batch received ahead is dropped
+                stream.sampler.load_state_dict(saved)
+                stream.reset()
+            out.append(stream.next_batch().tolist())
+            stream.sampler.advance()
+        assert (stream._next is not None) == (workers > 0)  # with workers the next batch is already on its way
+        return out
+
+    expected = batches(0)
+    assert expected[3] == expected[1]
+    assert batches(2) == expected

@@ -10,6 +10,11 @@ batch carries the count as `bad_samples`), and loader workers and their fork ser
 SLURM signals every process of a job, and only the trainer decides when to stop (a dead worker would abort the
 checkpoint).
 
+With workers, a stream receives its next batch in a background thread while the trainer computes: taking a
+batch from a worker (unpickling, attaching each tensor's shared memory) costs ~2 ms in the receiving process, 6%
+of a 31 ms step of a small model when it happened between steps. Order and resume positions are unchanged: the
+thread only receives, in order, what the sampler's iterator would give next anyway.
+
 Workers start from a fork server, not by forking the trainer: a worker forked from the trainer keeps the pages of
 everything the trainer held at that moment, and every in-place update of weights, gradients and optimizer state in
 host memory (CPU training, ZeRO-Offload) then copies them, so each worker start pinned another model's worth of
@@ -22,6 +27,7 @@ import multiprocessing
 import signal
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +75,8 @@ class Stream:
     sampler: ResumableDistributedSampler
     num_workers: int
     _iterator: Iterator[dict[str, torch.Tensor]] | None = None
+    _receiver: ThreadPoolExecutor | None = None
+    _next: Future | None = None  # the batch after the one last returned, being received (workers only)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:  # (re)start prefetching from the sampler's current position
@@ -82,10 +90,17 @@ class Stream:
                 multiprocessing_context=_worker_context() if self.num_workers else None,
             )
             self._iterator = iter(loader)
-        return next(self._iterator)
+        batch = self._next.result() if self._next is not None else next(self._iterator)
+        if self.num_workers:
+            if self._receiver is None:
+                self._receiver = ThreadPoolExecutor(1, thread_name_prefix="flava-ds-batch-receiver")
+            self._next = self._receiver.submit(next, self._iterator)
+        return batch
 
     def reset(self) -> None:
-        self._iterator = None
+        if self._next is not None:  # let the receiver finish with the old iterator; its batch is dropped
+            self._next.exception()
+        self._iterator = self._next = None
 
 
 class TrainStreams:
