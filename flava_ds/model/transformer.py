@@ -124,9 +124,10 @@ class Packing:
     @classmethod
     def of(cls, key_padding_mask: torch.Tensor | None) -> Packing | None:
         """None when nothing is padded (packing would only add copies)."""
-        if key_padding_mask is None or bool(key_padding_mask.all()):
+        if key_padding_mask is None:
             return None
-        return cls(key_padding_mask.flatten().nonzero().squeeze(1), *key_padding_mask.shape)
+        index = key_padding_mask.flatten().nonzero().squeeze(1)  # one host sync: T decides the shapes
+        return None if index.numel() == key_padding_mask.numel() else cls(index, *key_padding_mask.shape)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, ...) -> (1, T, ...)."""
