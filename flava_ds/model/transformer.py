@@ -74,7 +74,7 @@ class Encoder(nn.Module):
 
     With `query_index` (B, Q) the last block computes only those positions' outputs, (B, Q, H): a loss that reads
     a few positions (CLS for contrastive/ITM, masked ones for MIM/MLM/MMM) skips most of that block, whose keys
-    and values still come from every position. Earlier blocks always compute every position.
+    and values still come from every position. Earlier blocks compute every position.
 
     With padding in `key_padding_mask`, the projections, MLPs and norms run on the real tokens only (`Packing`):
     a padded position never influences a real one (its key is masked), so skipping it changes no real output.
