@@ -70,13 +70,15 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.setLogRecordFactory(record_factory)
 
-    from flava_ds.train.config import ConfigError, RunConfig, load_deepspeed_config, validate
+    from flava_ds.train.config import ConfigError, RunConfig, load_deepspeed_config, model_config_of, validate
+    from flava_ds.train.preflight import check_data
 
     try:
         config = RunConfig.load(args.config, overrides)
         ds_config = load_deepspeed_config(args.deepspeed_config, config.deepspeed)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         micro, accum, total = validate(config, ds_config, world_size)  # before anything heavy is built
+        check_data(config, model_config_of(config))
     except ConfigError as err:
         sys.exit(f"flava_ds: configuration error: {err}")
     ds_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, train_batch_size=total)

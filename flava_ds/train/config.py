@@ -280,3 +280,13 @@ def validate(config: RunConfig, ds_config: dict[str, Any], world_size: int) -> t
     if config.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last must be >= 1")
     return micro, accum, total
+
+
+def model_config_of(config: RunConfig):
+    """The run's `FlavaConfig` (preset + overrides), or a `ConfigError` naming the bad key."""
+    from flava_ds.model import FlavaConfig
+
+    try:
+        return FlavaConfig.preset(config.model.preset, **config.model.overrides)
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"model.preset={config.model.preset!r} / model.overrides: {err}") from err
