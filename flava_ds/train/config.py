@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +32,31 @@ STREAMS = ("image_text", "image", "text")
 
 class ConfigError(ValueError):
     """A run configuration that cannot work; the message names the key and what to do."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The values a number field accepts: `low`/`high` inclusive unless `open` names that end."""
+
+    low: float | None = None
+    high: float | None = None
+    open: str = ""  # "low", "high" or "both"
+
+    def check(self, value: float, key: str) -> None:
+        low_ok = self.low is None or (value > self.low if self.open in ("low", "both") else value >= self.low)
+        high_ok = self.high is None or (value < self.high if self.open in ("high", "both") else value <= self.high)
+        if not (low_ok and high_ok and math.isfinite(value)):
+            raise ConfigError(f"{key}: {value!r} is outside {self}")
+
+    def __str__(self) -> str:
+        left = "(" if self.open in ("low", "both") else "["
+        right = ")" if self.open in ("high", "both") else "]"
+        return f"{left}{'-inf' if self.low is None else self.low}, {'inf' if self.high is None else self.high}{right}"
+
+
+def bounded(default: Any, low: float | None = None, high: float | None = None, open: str = "") -> Any:
+    """A dataclass field whose value `_build` checks against [low, high] (or the open ends named)."""
+    return field(default=default, metadata={"bounds": Bounds(low, high, open)})
 
 
 @dataclass
@@ -58,23 +86,23 @@ class DataSection:
     image: StreamConfig = field(default_factory=StreamConfig)
     text: StreamConfig = field(default_factory=StreamConfig)
     task_ratios: dict[str, float] = field(default_factory=lambda: {"image_text": 1.0})
-    text_max_length: int = 128
-    mlm_prob: float = 0.15
-    itm_negative_prob: float = 0.1
-    num_workers: int = 2
+    text_max_length: int = bounded(128, low=2)
+    mlm_prob: float = bounded(0.15, 0.0, 1.0, open="both")
+    itm_negative_prob: float = bounded(0.1, 0.0, 1.0, open="high")
+    num_workers: int = bounded(2, low=0)
     seed: int = 1234
     verify_checksums: bool = False  # sha256 of every shard against its manifest at start-up (sizes are always checked)
     # samples that fail to read or decode are replaced and counted; more than this fraction of the samples read
     # stops the run (checked once 1/fraction samples were read, so one early bad sample cannot stop it)
-    max_bad_sample_fraction: float = 0.001
+    max_bad_sample_fraction: float = bounded(0.001, 0.0, 1.0)
 
 
 @dataclass
 class OptimizerSection:
-    lr: float = 1e-3
-    weight_decay: float = 0.1
+    lr: float = bounded(1e-3, low=0.0, open="low")
+    weight_decay: float = bounded(0.1, low=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    eps: float = bounded(1e-8, low=0.0, open="low")
     # parameter-name fragments that get no weight decay (biases, norms, embeddings-like tokens, temperature)
     no_decay: list[str] = field(
         default_factory=lambda: ["bias", "norm", "cls_token", "mask_token", "pos_embed", "embeddings", "logit_scale"]
@@ -83,29 +111,35 @@ class OptimizerSection:
 
 @dataclass
 class ScheduleSection:
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0
+    warmup_steps: int = bounded(100, low=0)
+    min_lr_ratio: float = bounded(0.0, 0.0, 1.0)
 
 
 @dataclass
 class TrainSection:
-    steps: int = 1000
+    steps: int = bounded(1000, low=1)
     seed: int = 1234
-    global_batch_size: int | None = None  # checked against DeepSpeed micro x accumulation x data-parallel size
-    tensor_parallel_size: int = 1
-    log_interval: int = 10
-    eval_interval: int = 0  # 0 = only at the end
-    save_interval: int = 0  # 0 = only at the end
-    exit_at_step: int | None = None  # checkpoint and exit here (scheduled preemption); the schedule still spans steps
-    max_nonfinite_steps: int = 5  # this many skipped updates in a row stop the run
-    stop_deadline_s: float = 120.0  # after SIGTERM/SIGUSR1: checkpoint and exit within this
+    global_batch_size: int | None = bounded(
+        None, low=1
+    )  # checked against DeepSpeed micro x accumulation x data-parallel size
+    tensor_parallel_size: int = bounded(1, low=1)
+    log_interval: int = bounded(10, low=1)
+    eval_interval: int = bounded(0, low=0)  # 0 = only at the end
+    save_interval: int = bounded(0, low=0)  # 0 = only at the end
+    exit_at_step: int | None = bounded(
+        None, low=1
+    )  # checkpoint and exit here (scheduled preemption); the schedule still spans steps
+    max_nonfinite_steps: int = bounded(5, low=1)  # this many skipped updates in a row stop the run
+    stop_deadline_s: float = bounded(
+        120.0, low=0.0, open="low"
+    )  # after SIGTERM/SIGUSR1: checkpoint and exit within this
 
 
 @dataclass
 class CheckpointSection:
     save: str | None = None
     load: str | None = None
-    keep_last: int = 3
+    keep_last: int = bounded(3, low=1)
     trusted_globals: list[str] = field(default_factory=list)  # extra pickle globals allowed in DeepSpeed files
 
 
@@ -115,14 +149,14 @@ class EvalSection:
     classification: list[str] = field(default_factory=list)  # labelled image shards with classes.json
     prompts: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     text: list[str] = field(default_factory=list)  # held-out text: MLM accuracy
-    max_samples: int = 512
-    batch_size: int = 32
+    max_samples: int = bounded(512, low=1)
+    batch_size: int = bounded(32, low=1)
 
 
 @dataclass
 class LoggingSection:
     tensorboard_dir: str | None = None
-    peak_tflops: float | None = None  # per device; None = look the GPU up in a table
+    peak_tflops: float | None = bounded(None, low=0.0, open="low")  # per device; None = look the GPU up in a table
     metrics_file: str | None = None  # JSON lines: every step's loss, every log interval's scalars, eval results
 
 
@@ -145,11 +179,18 @@ class RunConfig:
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"--config {path}: no such file")
-            raw = yaml.safe_load(path.read_text()) or {}
+            try:
+                raw = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
             if not isinstance(raw, dict):
                 raise ConfigError(f"{path}: the top level must be a mapping of sections")
         for dotted, value in overrides:
-            _set_dotted(raw, dotted, yaml.safe_load(value))
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                raise ConfigError(f"--{dotted} {value!r}: not a YAML value ({' '.join(str(err).split())})") from err
+            _set_dotted(raw, dotted, parsed)
         return _build(cls, raw, "config")
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,39 +208,87 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def _build(cls: type, values: Any, where: str):
-    """Build nested dataclasses from a dict, naming any unknown key with its full path."""
+    """Build nested dataclasses from a dict: every value converted to its field's declared type and checked
+    against the field's bounds, any unknown key named with its full path."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
-        sub = _dataclass_type(known[name].type)
-        kwargs[name] = _build(sub, value, f"{where}.{name}") if sub is not None else value
+        key = f"{where}.{name}".removeprefix("config.")
+        kwargs[name] = _coerce(value, hints[name], key)
+        bounds = known[name].metadata.get("bounds")
+        if bounds is not None and kwargs[name] is not None:
+            bounds.check(kwargs[name], key)
     return cls(**kwargs)
 
 
-_SECTIONS = {
-    c.__name__: c
-    for c in (
-        InitConfig,
-        ModelSection,
-        StreamConfig,
-        DataSection,
-        OptimizerSection,
-        ScheduleSection,
-        TrainSection,
-        CheckpointSection,
-        EvalSection,
-        LoggingSection,
-    )
-}
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` as the declared type `hint`. YAML 1.1 reads `1e-3` as a string: a float field accepts it."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"config.{key}")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        arms = [a for a in args if a is not type(None)]
+        errors = []
+        for arm in arms:
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {arms}")
+    if origin in (list, tuple):
+        if isinstance(value, str) and origin is list:  # `--data.text.paths shards/x`: a one-element list
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        return origin(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        value_type = args[1] if args else Any
+        return {k: _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        number = _number(value)
+        if number is None or (hint is int and number != int(number)):
+            kind = "an integer" if hint is int else "a number"
+            raise ConfigError(f"{key}: expected {kind}, got {value!r}")
+        return hint(number)
+    if hint is str:
+        if isinstance(value, (dict, list, bool)) or value is None:
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"{key}: no conversion to {hint}")  # a field type this function does not know: a code bug
 
 
-def _dataclass_type(annotation: Any) -> type | None:
-    return _SECTIONS.get(annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""))
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def load_deepspeed_config(path: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -222,9 +311,13 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def batch_geometry(ds_config: dict[str, Any], dp_size: int) -> tuple[int, int, int]:
     """(micro batch per rank, accumulation steps, global batch) from a DeepSpeed config, filled like DeepSpeed."""
-    micro = ds_config.get("train_micro_batch_size_per_gpu")
-    accum = ds_config.get("gradient_accumulation_steps")
-    total = ds_config.get("train_batch_size")
+    micro, accum, total = (
+        _coerce(ds_config.get(key), int | None, f"deepspeed.{key}")
+        for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+    )
+    for value, key in ((micro, "train_micro_batch_size_per_gpu"), (accum, "gradient_accumulation_steps")):
+        if value is not None and value < 1:
+            raise ConfigError(f"deepspeed.{key}: {value} must be >= 1")
     if micro is None and total is not None and accum is not None:
         micro = total // (accum * dp_size)
     if accum is None and micro is not None and total is not None:
@@ -256,12 +349,19 @@ def validate(config: RunConfig, ds_config: dict[str, Any], world_size: int) -> t
         raise ConfigError(f"data.task_ratios: unknown task(s) {unknown}; tasks are {list(STREAMS)}")
     if not any(r > 0 for r in ratios.values()) or any(r < 0 for r in ratios.values()):
         raise ConfigError(f"data.task_ratios must be non-negative with at least one positive: {ratios}")
+    if not all(0.0 <= b < 1.0 for b in config.optimizer.betas):
+        raise ConfigError(f"optimizer.betas: {list(config.optimizer.betas)} must each be in [0, 1)")
+    for template in config.eval.prompts:
+        if "{}" not in template:
+            raise ConfigError(f"eval.prompts: {template!r} has no '{{}}' where the class name goes")
     for task, ratio in ratios.items():
         stream: StreamConfig = getattr(config.data, task)
         if ratio > 0 and not stream.paths:
             raise ConfigError(f"data.task_ratios.{task}={ratio} but data.{task}.paths is empty: give it shard dirs")
         if stream.weights is not None and len(stream.weights) != len(stream.paths):
             raise ConfigError(f"data.{task}.weights has {len(stream.weights)} entries for {len(stream.paths)} paths")
+        if stream.weights is not None and not (all(w >= 0 for w in stream.weights) and sum(stream.weights) > 0):
+            raise ConfigError(f"data.{task}.weights must be non-negative with a positive sum: {stream.weights}")
     for task in STREAMS:
         for p in getattr(config.data, task).paths:
             if not Path(p).exists():
@@ -273,20 +373,22 @@ def validate(config: RunConfig, ds_config: dict[str, Any], world_size: int) -> t
         for p in getattr(config.eval, key):
             if not Path(p).exists():
                 raise ConfigError(f"eval.{key}: {p} does not exist")
-    if config.train.steps < 1 or config.train.log_interval < 1:
-        raise ConfigError("train.steps and train.log_interval must be >= 1")
-    if not 0.0 <= config.data.max_bad_sample_fraction <= 1.0:
-        raise ConfigError(f"data.max_bad_sample_fraction must be in [0, 1], got {config.data.max_bad_sample_fraction}")
-    if config.checkpoint.keep_last < 1:
-        raise ConfigError("checkpoint.keep_last must be >= 1")
     return micro, accum, total
 
 
 def model_config_of(config: RunConfig):
-    """The run's `FlavaConfig` (preset + overrides), or a `ConfigError` naming the bad key."""
-    from flava_ds.model import FlavaConfig
+    """The run's `FlavaConfig` (preset + overrides, each value converted to its declared type), checked for the
+    run's tensor-parallel size; a `ConfigError` naming the bad key otherwise."""
+    from flava_ds.model.config import PRESETS, FlavaConfig, merge_overrides, validate_for_tensor_parallel
 
+    if config.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {config.model.preset!r}; choose one of {sorted(PRESETS)}")
+    merged = merge_overrides(PRESETS[config.model.preset], config.model.overrides)
     try:
-        return FlavaConfig.preset(config.model.preset, **config.model.overrides)
-    except (ValueError, TypeError, KeyError) as err:
-        raise ConfigError(f"model.preset={config.model.preset!r} / model.overrides: {err}") from err
+        model_config = _build(FlavaConfig, merged, "config.model.overrides")
+        validate_for_tensor_parallel(model_config, config.train.tensor_parallel_size)
+    except ConfigError:
+        raise
+    except ValueError as err:  # FlavaConfig.validate's own checks
+        raise ConfigError(f"model.overrides: {err}") from err
+    return model_config

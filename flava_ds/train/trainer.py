@@ -37,7 +37,7 @@ from flava_ds.parallel.state import (
     set_seed,
 )
 from flava_ds.train import checkpoint
-from flava_ds.train.config import RunConfig
+from flava_ds.train.config import RunConfig, model_config_of
 from flava_ds.train.faults import FAULTS, log_samples
 from flava_ds.train.flops import batch_flops, batch_tokens, peak_tflops
 from flava_ds.train.init import initialize_from_checkpoints
@@ -145,7 +145,7 @@ class Trainer:
             torch.device("cpu") if on_cpu else torch.device(accelerator.device_name(), accelerator.current_device())
         )
 
-        self.model_config = FlavaConfig.preset(config.model.preset, **config.model.overrides)
+        self.model_config = model_config_of(config)
         tokenizer = Tokenizer.from_file(config.data.tokenizer) if config.data.tokenizer else None
         self.tokenizer = tokenizer
         if tokenizer is not None and tokenizer.vocab_size > self.model_config.text.vocab_size:
