@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.setLogRecordFactory(record_factory)
 
+    from flava_ds.train.checkpoint import UntrustedCheckpointError, verified_checkpoint
     from flava_ds.train.config import ConfigError, RunConfig, load_deepspeed_config, model_config_of, validate
     from flava_ds.train.preflight import check_data
 
@@ -79,8 +80,12 @@ def main(argv: list[str] | None = None) -> None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         micro, accum, total = validate(config, ds_config, world_size)  # before anything heavy is built
         check_data(config, model_config_of(config))
+        if config.checkpoint.load:  # refused here, before the model, rather than after it is built
+            verified_checkpoint(config.checkpoint.load, extra_trusted=config.checkpoint.trusted_globals)
     except ConfigError as err:
         sys.exit(f"flava_ds: configuration error: {err}")
+    except UntrustedCheckpointError as err:
+        sys.exit(f"flava_ds: checkpoint refused: {err}")
     ds_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, train_batch_size=total)
 
     import deepspeed

@@ -8,6 +8,8 @@ import json
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from flava_ds.train.checkpoint import UntrustedCheckpointError, check_pickles, e
 from tests.fault_helpers import Run, last_step
 from tests.train_fixtures import (
     KNOWN_EXIT_ABORT,
+    ROOT,
     launch,
     make_training_data,
     step_losses,
@@ -259,6 +262,31 @@ def test_tampered_deepspeed_checkpoint_is_refused_unexecuted(reference, tmp_path
     with pytest.raises(UntrustedCheckpointError, match=r"mp_rank_00_model_states\.pt"):
         checkpoint.load(None, tampered)  # what the trainer calls on --load, before DeepSpeed sees the files
     assert not marker.exists()
+
+
+def test_latest_naming_a_glob_is_refused_and_its_payload_never_runs(reference, data, ds_config, tmp_path):
+    """A `latest` holding `evi[l]` used to pass the scan (no literal `evi[l]/`) while DeepSpeed globbed the files
+    of `evil/`: resume (`--load`) and `convert_checkpoint.py from-deepspeed` both refuse it, and nothing runs."""
+    _, ckpt = reference
+    crafted = tmp_path / "ckpt"
+    shutil.copytree(ckpt, crafted)
+    marker = tmp_path / "pwned"
+    evil = crafted / "evil"
+    shutil.copytree(crafted / read_latest(crafted), evil)
+    state = torch.load(evil / "mp_rank_00_model_states.pt", weights_only=False)
+    state["payload"] = _Payload(marker)
+    torch.save(state, evil / "mp_rank_00_model_states.pt")
+    (crafted / "latest").write_text("evi[l]")
+    config = _config(tmp_path, data)
+    result = launch(2, "--deepspeed_config", str(ds_config), "--config", str(config), "--load", str(crafted))
+    assert result.returncode != 0
+    assert "checkpoint refused" in result.stderr and "'evi[l]'" in result.stderr, result.stderr[-3000:]
+    assert "is not global_step<N>" in result.stderr
+    tool = [sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"), "from-deepspeed"]
+    result = subprocess.run([*tool, "--input", str(crafted), "--output", str(tmp_path / "export")],
+                            capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+    assert result.returncode != 0 and "is not global_step<N>" in result.stderr, result.stderr[-3000:]
+    assert not marker.exists(), "the payload ran"
 
 
 class _Payload:

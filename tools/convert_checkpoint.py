@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from flava_ds.model import FlavaForPreTraining, load_codebook
 
@@ -34,9 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     if args.direction == "from-deepspeed":
-        from flava_ds.train.checkpoint import export
+        from flava_ds.train.checkpoint import UntrustedCheckpointError, export
 
-        export(args.input, args.output, args.tag)
+        try:
+            export(args.input, args.output, args.tag)
+        except UntrustedCheckpointError as err:
+            sys.exit(f"convert_checkpoint: refused: {err}")
     elif args.direction == "codebook":
         load_codebook(args.input).save_hf_pretrained(args.output)
     elif args.direction == "to-hf":

@@ -5,13 +5,15 @@ resume always starts from the last complete checkpoint. The trainer's own state 
 position, RNG) rides in DeepSpeed's client state.
 
 DeepSpeed reads its checkpoint files with ``torch.load(weights_only=False)`` (0.19.8 has no switch for it),
-i.e. unpickling can run code. Before handing a checkpoint to DeepSpeed (resume, export), ``check_pickles``
-lists the globals every ``.pt`` file would import, without unpickling it, and refuses any outside
-the set DeepSpeed's own checkpoints use, so a tampered checkpoint is refused instead of executed.
+i.e. unpickling can run code. Before handing a checkpoint to DeepSpeed (resume, export), ``verified_checkpoint``
+accepts only ``global_step<N>`` tags (so the files scanned are exactly the files DeepSpeed globs) and
+``check_pickles`` lists the globals every ``.pt`` file would import, without unpickling it, and refuses any
+outside the set DeepSpeed's own checkpoints use, so a tampered checkpoint is refused instead of executed.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import random
@@ -73,6 +75,33 @@ def check_pickles(directory: str | Path, extra_trusted: Iterable[str] = ()) -> N
                 "load it (it could run code). If you wrote this checkpoint yourself with another DeepSpeed "
                 "version, list the names in checkpoint.trusted_globals."
             )
+
+
+def checkpoint_dir(directory: str | Path, tag: str) -> Path:
+    """`directory/tag`, refused unless it names exactly the files DeepSpeed will open.
+
+    DeepSpeed finds a checkpoint's files with `glob` under `directory/tag`, while a scan reads the literal
+    path: a `latest` holding `evi[l]` would send DeepSpeed to the unscanned files of `evil/`. Tags are
+    therefore only ever `global_step<N>`, and the directory may hold no glob pattern characters."""
+    if not _TAG.match(tag):
+        raise UntrustedCheckpointError(
+            f"{directory}: checkpoint tag {tag!r} (from '{LATEST}' or --tag) is not global_step<N>; refusing it. "
+            f"Fix '{LATEST}' to name one of the global_step<N> directories."
+        )
+    if glob.has_magic(str(directory)):
+        raise UntrustedCheckpointError(
+            f"{directory}: a checkpoint directory may not contain *, ? or [ (DeepSpeed globs below it); rename it"
+        )
+    return Path(directory) / tag
+
+
+def verified_checkpoint(directory: str | Path, tag: str | None = None, extra_trusted: Iterable[str] = ()) -> str | None:
+    """The tag to load from `directory` (`tag`, else what `latest` names; None if there is none), after checking
+    the tag and every pickle DeepSpeed will open: nothing is unpickled, nothing runs."""
+    tag = tag or read_latest(directory)
+    if tag is not None:
+        check_pickles(checkpoint_dir(directory, tag), extra_trusted)
+    return tag
 
 
 def tag_for(step: int) -> str:
@@ -138,10 +167,9 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict[str, Any], 
 
 def load(engine, load_dir: str | Path, trusted_globals: Iterable[str] = ()) -> dict[str, Any] | None:
     """Resume from `latest` in `load_dir`; None when there is nothing to resume from."""
-    tag = read_latest(load_dir)
+    tag = verified_checkpoint(load_dir, extra_trusted=trusted_globals)
     if tag is None:
         return None
-    check_pickles(Path(load_dir) / tag, trusted_globals)
     path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"{load_dir}/{tag}: DeepSpeed could not load this checkpoint")
@@ -154,10 +182,9 @@ def export(save_dir: str | Path, output: str | Path, tag: str | None = None) -> 
 
     from flava_ds.model import FlavaConfig, FlavaForPreTraining
 
-    tag = tag or read_latest(save_dir)
+    tag = verified_checkpoint(save_dir, tag)
     if tag is None:
         raise FileNotFoundError(f"{save_dir}: no '{LATEST}' file; pass the checkpoint tag explicitly")
-    check_pickles(Path(save_dir) / tag)
     config = FlavaConfig.from_dict(json.loads((Path(save_dir) / tag / MODEL_CONFIG).read_text()))
     tp_ranks = sorted((Path(save_dir) / tag).glob("mp_rank_*_model_states.pt"))
     if len(tp_ranks) > 1:
