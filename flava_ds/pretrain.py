@@ -88,14 +88,23 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"flava_ds: checkpoint refused: {err}")
     ds_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, train_batch_size=total)
 
+    import datetime
+
     import deepspeed
 
-    deepspeed.init_distributed()
-    from flava_ds.train.trainer import COMPLETE_MARKER, Trainer
+    from flava_ds.train.lifecycle import exit_on_fatal_error
+    from flava_ds.train.trainer import COMPLETE_MARKER, STOPPED_MARKER, Trainer
 
-    trainer = Trainer(config, ds_config, micro, accum)
-    trainer.train()
-    print(f"{COMPLETE_MARKER} at step {trainer.step} (rank {rank})", flush=True)
+    trainer = None
+    try:  # any error from here on ends this rank at once (with its reason), never a hang at exit
+        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=config.train.collective_timeout_s))
+        trainer = Trainer(config, ds_config, micro, accum)
+        trainer.train()
+        trainer.close()
+    except (Exception, KeyboardInterrupt) as err:
+        exit_on_fatal_error(err, int(rank), trainer.close if trainer is not None else None)
+    marker = STOPPED_MARKER if trainer.stopped_early else COMPLETE_MARKER
+    print(f"{marker} at step {trainer.step} (rank {rank})", flush=True)
 
 
 if __name__ == "__main__":

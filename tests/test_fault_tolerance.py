@@ -5,6 +5,7 @@ What each test proves is listed in docs/RELIABILITY.md."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import signal
@@ -13,10 +14,12 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from flava_ds.train.checkpoint import UntrustedCheckpointError, check_pickles, export, read_latest, tag_for
+from flava_ds.train.trainer import COMPLETE_MARKER, STOPPED_MARKER
 from tests.fault_helpers import Run, last_step
 from tests.train_fixtures import (
     KNOWN_EXIT_ABORT,
@@ -60,8 +63,10 @@ def _config(tmp: Path, data: dict[str, Path], **train) -> Path:
     return write_run_config(tmp / "run.yaml", data, train={"steps": STEPS, "log_interval": 20, **train})
 
 
-def _start(tmp: Path, name: str, config: Path, ds: Path, ckpt: Path, *extra: str, env=None) -> tuple[Run, Path]:
-    metrics = tmp / f"{name}.jsonl"
+def _start(
+    tmp: Path, name: str, config: Path, ds: Path, ckpt: Path, *extra: str, env=None, metrics: Path | None = None
+) -> tuple[Run, Path]:
+    metrics = metrics or tmp / f"{name}.jsonl"
     args = ["--deepspeed_config", str(ds), "--config", str(config), "--save", str(ckpt), "--load", str(ckpt)]
     run = Run(2, tmp / f"{name}.log", *args, "--logging.metrics_file", str(metrics), *extra, env=env)
     return run, metrics
@@ -83,12 +88,10 @@ def _complete(ckpt: Path, step: int) -> bool:
     return _engine_files(ckpt, step) and (ckpt / tag_for(step) / "flava_config.json").is_file()
 
 
-def _ended_cleanly(run: Run, step: int) -> bool:
+def _ended_cleanly(run: Run, step: int, marker: str = COMPLETE_MARKER) -> bool:
     """Both ranks returned from training at `step` (the launcher may add DeepSpeed's known CPU abort at exit)."""
     output = run.output()
-    return output.count(f"training complete at step {step}") == 2 and (
-        run.proc.returncode == 0 or KNOWN_EXIT_ABORT in output
-    )
+    return output.count(f"{marker} at step {step}") == 2 and (run.proc.returncode == 0 or KNOWN_EXIT_ABORT in output)
 
 
 def _resumed_at(run: Run) -> int:
@@ -101,24 +104,29 @@ def _resumed_at(run: Run) -> int:
 
 def test_sigkill_anywhere_resumes_from_the_last_complete_checkpoint(data, ds_config, reference, tmp_path):
     """SIGKILL of the whole process group inside a step, inside DeepSpeed's file writes and between the files and
-    `latest`: `latest` only ever names a complete checkpoint, each resume starts there, and the stitched per-step
-    losses equal the uninterrupted run's bit for bit."""
+    `latest`: `latest` only ever names a complete checkpoint, each resume starts there, and the per-step losses
+    equal the uninterrupted run's bit for bit. All four runs append to one metrics file, which ends with every
+    step exactly once (a resume drops the killed run's steps past its checkpoint) in strict JSON."""
     ckpt = tmp_path / "ckpt"
     config = _config(tmp_path, data, save_interval=10)
     rng = random.Random(0)
-    runs: list[tuple[Run, Path, int]] = []
+    runs: list[tuple[Run, int]] = []
+    metrics = tmp_path / "metrics.jsonl"
 
-    def start(name: str, env=None) -> Run:
-        run, metrics = _start(tmp_path, name, config, ds_config, ckpt, "--checkpoint.keep_last", "2", env=env)
-        runs.append((run, metrics, _latest_step(ckpt)))
+    def start(name: str, *extra: str, env=None) -> Run:
+        args = ("--checkpoint.keep_last", "2", *extra)
+        run, _ = _start(tmp_path, name, config, ds_config, ckpt, *args, env=env, metrics=metrics)
+        runs.append((run, _latest_step(ckpt)))
         return run
 
     # 1. inside a step, at a random moment after the first checkpoint
-    run = start("mid_step")
-    run.wait_until(lambda: last_step(runs[-1][1]) >= 13, timeout=180)
+    semaphores = set(Path("/dev/shm").glob("sem.mp-*"))
+    run = start("mid_step", "--data.num_workers", "2")
+    run.wait_until(lambda: last_step(metrics) >= 13, timeout=180)
     time.sleep(rng.uniform(0.0, 0.3))
     run.kill()
     assert not run.shm_buffers()  # the killed ranks' shared memory went with them
+    assert not set(Path("/dev/shm").glob("sem.mp-*")) - semaphores  # and the loader workers' semaphore names
     assert _latest_step(ckpt) in (10, 20) and _complete(ckpt, _latest_step(ckpt))
 
     # 2. after the engine wrote every file of the next checkpoint, before `latest` names it (injected pause)
@@ -142,16 +150,19 @@ def test_sigkill_anywhere_resumes_from_the_last_complete_checkpoint(data, ds_con
     run.wait()
     assert _ended_cleanly(run, STEPS), run.tail()
 
-    stitched: dict[int, float] = {}
-    for run, metrics, resume_step in runs:
+    for run, resume_step in runs:
         assert _resumed_at(run) == resume_step, (run.log, resume_step)
-        losses = step_losses(metrics)
-        assert min(losses) == resume_step + 1
-        stitched.update(losses)
+    records = [json.loads(line, parse_constant=_no_constant) for line in metrics.read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == list(range(1, STEPS + 1)), steps  # once each, in order: no killed run's duplicates
     losses, _ = reference
-    assert stitched == losses
+    assert step_losses(metrics) == losses
     assert read_latest(ckpt) == tag_for(STEPS)
     assert sorted(p.name for p in ckpt.glob("global_step*")) == [tag_for(50), tag_for(60)]  # pruned, no leftovers
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def test_preemption_signals_checkpoint_exit_and_resume_exactly(data, ds_config, reference, tmp_path):
@@ -171,7 +182,7 @@ def test_preemption_signals_checkpoint_exit_and_resume_exactly(data, ds_config, 
     assert time.monotonic() - sent < deadline
     stopped = last_step(first)
     assert stopped < STEPS and read_latest(ckpt) == tag_for(stopped)
-    assert _ended_cleanly(run, stopped) and run.output().count(f"stopped at step {stopped}") == 2, run.tail()
+    assert _ended_cleanly(run, stopped, STOPPED_MARKER) and COMPLETE_MARKER not in run.output(), run.tail()
 
     run, second = _start(tmp_path, "term", config, ds_config, ckpt, *workers)
     run.wait_until(lambda: last_step(second) >= stopped + 8, timeout=180)
@@ -183,7 +194,7 @@ def test_preemption_signals_checkpoint_exit_and_resume_exactly(data, ds_config, 
     assert stopped_again < STEPS and read_latest(ckpt) == tag_for(stopped_again)
     output = run.output()
     assert output.count(f"stopped at step {stopped_again}") == 2, output[-4000:]
-    assert output.count(f"training complete at step {stopped_again}") == 2, output[-4000:]
+    assert output.count(f"{STOPPED_MARKER} at step {stopped_again}") == 2, output[-4000:]
 
     run, third = _start(tmp_path, "rest", config, ds_config, ckpt)
     run.wait()
@@ -207,6 +218,73 @@ def test_stop_deadline_bounds_a_stuck_checkpoint(data, ds_config, tmp_path):
     assert read_latest(ckpt) is None
 
 
+def _descendants(run: Run) -> list[psutil.Process]:
+    """The launcher, ranks, fork servers and loader workers of a run (the runner excluded)."""
+    launcher = run.launcher()
+    return [launcher, *launcher.children(recursive=True)]
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"FLAVA_DS_INJECT_NAN_STEPS": "6"}, "non-finite loss at step 6"),  # every rank raises NonFiniteError
+        ({"FLAVA_DS_INJECT_ERROR": "1:6"}, "injected fault on rank 1 at step 6"),  # rank 0 waits in a collective
+    ],
+    ids=["all-ranks", "one-rank"],
+)
+def test_a_fatal_error_with_loader_workers_ends_every_rank_within_60_s(data, tmp_path, env, reason):
+    """2 ranks with 2 loader workers each: a fatal error used to be logged and then the ranks never exited (Python's
+    exit joined the workers, which ignore SIGTERM; the other rank waited in its all-gather). Now the job ends
+    non-zero within 60 s with the reason in the log, and no process of it is left."""
+    ds = write_ds_config(tmp_path / "zero0.json", 0)
+    config = _config(tmp_path, data, log_interval=1)
+    metrics = tmp_path / "metrics.jsonl"
+    args = ["--deepspeed_config", str(ds), "--config", str(config), "--data.num_workers", "2"]
+    run = Run(2, tmp_path / "run.log", *args, "--logging.metrics_file", str(metrics), env=env)
+    try:
+        run.wait_until(lambda: last_step(metrics) >= 5, timeout=180)
+        processes = _descendants(run)
+        assert len(processes) >= 1 + 2 + 2 * 2, processes  # launcher, ranks, at least the workers
+        start = time.monotonic()
+        returncode = run.wait(60)
+        _, alive = psutil.wait_procs(processes, timeout=max(1.0, 60 - (time.monotonic() - start)))
+        assert returncode != 0 and not alive, (returncode, alive, run.tail())
+        assert reason in run.output() and "fatal error, ending the job" in run.output(), run.tail()
+    finally:
+        _kill_group(run)
+
+
+def test_sigterm_to_the_deepspeed_command_checkpoints_and_leaves_nothing_running(data, ds_config, tmp_path):
+    """`deepspeed` (the runner the user started) forwards nothing on one node: SIGTERM to it killed it alone
+    and left the launcher and ranks training as orphans. The ranks watch it: they checkpoint at the next step,
+    exit 0, and every process of the job ends."""
+    ckpt = tmp_path / "ckpt"
+    config = _config(tmp_path, data, stop_deadline_s=60)
+    run, metrics = _start(tmp_path, "runner", config, ds_config, ckpt, "--data.num_workers", "2")
+    try:
+        run.wait_until(lambda: last_step(metrics) >= 5, timeout=180)
+        processes = _descendants(run)
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.proc.wait(10) == -signal.SIGTERM  # the runner itself dies at once
+        _, alive = psutil.wait_procs(processes, timeout=60)
+        assert not alive, (alive, run.tail())
+        stopped = last_step(metrics)
+        assert 5 <= stopped < STEPS and read_latest(ckpt) == tag_for(stopped), run.tail()
+        output = run.output()
+        assert output.count(f"{STOPPED_MARKER} at step {stopped}") == 2 and "the launcher (pid" in output, output
+        assert COMPLETE_MARKER not in output
+    finally:
+        _kill_group(run)
+
+
+def _kill_group(run: Run) -> None:
+    """Leave nothing behind whatever the test found (the run's processes share the runner's process group)."""
+    try:
+        os.killpg(run.proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def test_non_finite_steps_are_skipped_then_stop_the_run(data, tmp_path):
     """ZeRO-2 fp32 with NaN losses injected at steps 3,4 and 7,8,9: the updates are skipped (parameters at step 4
     equal step 2's, at step 8 step 6's), counted, and the third in a row stops the run with a clear message and
@@ -227,7 +305,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(data, tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode != 0 and "3 consecutive steps with a non-finite loss or gradient" in output, output[-3000:]
     assert read_latest(ckpt) == tag_for(8)
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    records = [json.loads(line, parse_constant=_no_constant) for line in metrics.read_text().splitlines()]
+    assert {r["step"]: r["loss"] for r in records if "loss" in r and r["loss"] is None}.keys() == {3, 4, 7, 8}
     skipped = {r["step"]: r["log"]["skipped_steps"] for r in records if "log" in r}
     assert skipped == {1: 0, 2: 0, 3: 1, 4: 2, 5: 2, 6: 2, 7: 3, 8: 4}
 
@@ -454,7 +533,7 @@ def test_every_sample_once_per_epoch_across_four_ranks_despite_a_kill(data, tmp_
     assert resumed_at == 100  # mid-epoch: an epoch is 15 steps of this stream
     run = Run(ranks, tmp_path / "resumed.log", *args, env={"FLAVA_DS_SAMPLE_LOG": str(logs[1])})
     run.wait(300)
-    assert run.output().count(f"training complete at step {steps}") == ranks, run.tail()
+    assert run.output().count(f"{COMPLETE_MARKER} at step {steps}") == ranks, run.tail()
 
     keys: dict[tuple[int, int], tuple[int, int]] = {}  # (step, rank) -> (index, epoch)
     for log_dir, first, last in ((logs[0], 1, resumed_at), (logs[1], resumed_at + 1, steps)):

@@ -129,6 +129,9 @@ class TrainSection:
     exit_at_step: int | None = bounded(
         None, low=1
     )  # checkpoint and exit here (scheduled preemption); the schedule still spans steps
+    # a collective waiting longer than this for a peer fails (a peer that hangs or died without closing its
+    # connections), so every rank ends instead of waiting forever; it must exceed the slowest checkpoint save
+    collective_timeout_s: float = bounded(900.0, low=0.0, open="low")
     max_nonfinite_steps: int = bounded(5, low=1)  # this many skipped updates in a row stop the run
     stop_deadline_s: float = bounded(
         120.0, low=0.0, open="low"

@@ -3,6 +3,8 @@
 * ``FLAVA_DS_INJECT_NAN_STEPS="3,4"``: the loss of these optimizer steps (1-based) is made NaN on every rank.
 * ``FLAVA_DS_INJECT_SAVE_DELAY_S="30"``: ``checkpoint.save`` sleeps this long after the engine wrote the
   checkpoint and before ``latest`` names it, so a test can kill a run inside that window.
+* ``FLAVA_DS_INJECT_ERROR="1:5"``: rank 1 raises an exception at the start of optimizer step 5 (a fatal error on
+  one rank while the others go on into their next collective).
 * ``FLAVA_DS_SAMPLE_LOG=DIR``: every rank appends the ``SampleKey``s of each micro-batch it trained on to
   ``DIR/rank{R}.jsonl`` (one JSON line per micro-batch: step, micro, task, keys).
 
@@ -22,15 +24,18 @@ class Faults:
     nan_steps: frozenset[int] = frozenset()
     save_delay_s: float = 0.0
     sample_log: Path | None = None
+    error_at: tuple[int, int] | None = None  # (rank, step)
 
     @classmethod
     def from_env(cls) -> Faults:
         steps = os.environ.get("FLAVA_DS_INJECT_NAN_STEPS", "")
         log = os.environ.get("FLAVA_DS_SAMPLE_LOG")
+        error = os.environ.get("FLAVA_DS_INJECT_ERROR")
         return cls(
             nan_steps=frozenset(int(s) for s in steps.split(",") if s.strip()),
             save_delay_s=float(os.environ.get("FLAVA_DS_INJECT_SAVE_DELAY_S", "0")),
             sample_log=Path(log) if log else None,
+            error_at=tuple(int(v) for v in error.split(":")) if error else None,
         )
 
 

@@ -56,6 +56,38 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def release_semaphore_names(iterator: Any) -> None:
+    """Unlink the names of the loader's semaphores once every worker has opened them.
+
+    Under forkserver, `multiprocessing` gives each lock and queue semaphore a name in /dev/shm (`sem.mp-*`) so
+    workers can open it, and unlinks it only at a clean exit or from its resource tracker; a SIGKILLed job (a node
+    failure, `scancel`) kills the tracker too, and 14 names per stream per rank stayed behind. Workers keep their
+    mappings, so unlinking the names now leaves nothing to leak. Touches `multiprocessing` and DataLoader
+    internals; where they differ, nothing is found and nothing is done."""
+    import _multiprocessing
+    from multiprocessing import resource_tracker, synchronize, util
+
+    names: set[str] = set()
+
+    def visit(obj: Any, depth: int) -> None:
+        if isinstance(obj, synchronize.SemLock):
+            if getattr(obj._semlock, "name", None):
+                names.add(obj._semlock.name)
+        elif depth and hasattr(obj, "__dict__"):
+            for value in vars(obj).values():
+                visit(value, depth - 1)
+
+    owners = (*getattr(iterator, "_index_queues", ()), getattr(iterator, "_worker_result_queue", None))
+    for owner in (*owners, getattr(iterator, "_workers_done_event", None)):
+        visit(owner, 2)  # Queue -> its locks; Event -> Condition -> its semaphores
+    for name in names:
+        _multiprocessing.sem_unlink(name)
+        resource_tracker.unregister(name, "semaphore")
+    for finalizer in list(util._finalizer_registry.values()):  # their unlink-at-exit would now fail
+        if getattr(finalizer, "_callback", None) is synchronize.SemLock._cleanup and finalizer._args[0] in names:
+            finalizer.cancel()
+
+
 class CountingCollate:
     """The stream's collator plus `bad_samples`: how many reads in this batch failed and were replaced."""
 
@@ -77,6 +109,7 @@ class Stream:
     _iterator: Iterator[dict[str, torch.Tensor]] | None = None
     _receiver: ThreadPoolExecutor | None = None
     _next: Future | None = None  # the batch after the one last returned, being received (workers only)
+    _received: int = 0  # batches returned by the current iterator
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self._iterator is None:  # (re)start prefetching from the sampler's current position
@@ -90,7 +123,11 @@ class Stream:
                 multiprocessing_context=_worker_context() if self.num_workers else None,
             )
             self._iterator = iter(loader)
+            self._received = 0
         batch = self._next.result() if self._next is not None else next(self._iterator)
+        self._received += 1
+        if self._received == self.num_workers:  # batch w came from worker w: every worker is up
+            release_semaphore_names(self._iterator)
         if self.num_workers:
             if self._receiver is None:
                 self._receiver = ThreadPoolExecutor(1, thread_name_prefix="flava-ds-batch-receiver")
@@ -101,6 +138,16 @@ class Stream:
         if self._next is not None:  # let the receiver finish with the old iterator; its batch is dropped
             self._next.exception()
         self._iterator = self._next = None
+
+    def close(self) -> None:
+        """Kill the loader workers (they hold nothing to save, and ignore SIGTERM) and drop the iterator. Never
+        waits on a worker, so it is safe on a fatal error; the receiver thread, if mid-batch, sees the workers
+        gone and ends."""
+        for worker in getattr(self._iterator, "_workers", ()):
+            worker.kill()
+        if self._receiver is not None:
+            self._receiver.shutdown(wait=False, cancel_futures=True)
+        self._iterator = self._next = self._receiver = None
 
 
 class TrainStreams:
@@ -174,6 +221,10 @@ class TrainStreams:
 
     def advance(self, task: str) -> None:
         self.streams[task].sampler.advance()
+
+    def close(self) -> None:
+        for stream in self.streams.values():
+            stream.close()
 
     def state_dict(self) -> dict[str, Any]:
         return self.position.state_dict()

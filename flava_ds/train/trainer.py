@@ -9,13 +9,10 @@ updates and bad samples. What survives kills, signals, bad data and non-finite s
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import resource
-import signal
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -41,10 +38,13 @@ from flava_ds.train.config import RunConfig, model_config_of
 from flava_ds.train.faults import FAULTS, log_samples
 from flava_ds.train.flops import batch_flops, batch_tokens, peak_tflops
 from flava_ds.train.init import initialize_from_checkpoints
+from flava_ds.train.lifecycle import LauncherWatch, StopSignal
+from flava_ds.train.metrics_file import MetricsFile
 from flava_ds.train.streams import TrainStreams
 
 log = logging.getLogger("flava_ds.train")
 COMPLETE_MARKER = "flava_ds: training complete"
+STOPPED_MARKER = "flava_ds: stopped early with a checkpoint (resume with --load)"
 
 
 class NonFiniteError(RuntimeError):
@@ -93,28 +93,6 @@ def warmup_cosine(warmup: int, total: int, min_ratio: float):
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
-
-
-class StopSignal:
-    """SIGTERM / SIGUSR1 (SLURM preemption) ask for a checkpoint and a clean exit within a deadline."""
-
-    def __init__(self, deadline_s: float):
-        self.requested = False
-        self.deadline_s = deadline_s
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if not self.requested:
-            self.requested = True
-            log.warning("received signal %d: checkpointing and stopping within %.0f s", signum, self.deadline_s)
-            watchdog = threading.Timer(self.deadline_s, self._overdue)
-            watchdog.daemon = True
-            watchdog.start()
-
-    def _overdue(self) -> None:
-        log.error("stop deadline of %.0f s passed before the checkpoint finished; exiting", self.deadline_s)
-        os._exit(1)
 
 
 def release_shm_allreduce_buffer(rank: int) -> None:
@@ -194,9 +172,13 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(config.logging.tensorboard_dir)
-        self.metrics_path = Path(config.logging.metrics_file) if config.logging.metrics_file else None
+        self.metrics = MetricsFile(config.logging.metrics_file) if config.logging.metrics_file else None
+        if self.metrics is not None and self.rank == 0:
+            self.metrics.keep_until(self.step)  # one trajectory: a killed run's steps past this checkpoint go
         self.peak = peak_tflops(config.logging.peak_tflops)
         self.stop = StopSignal(config.train.stop_deadline_s)
+        self.launcher_watch = LauncherWatch(self.stop.request)
+        self.stopped_early = False
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def client_state(self) -> dict[str, Any]:
@@ -254,8 +236,13 @@ class Trainer:
                 self.save()
             if stop:
                 log.warning("stopped at step %d (signal or train.exit_at_step) after saving", self.step)
+                self.stopped_early = True
                 return
         self.evaluate()
+
+    def close(self) -> None:
+        """End the loader workers and flush TensorBoard (also on a fatal error: nothing here waits on peers)."""
+        self.streams.close()
         if self.tb is not None:
             self.tb.close()
 
@@ -274,6 +261,8 @@ class Trainer:
             )
 
     def _train_step(self, window: _Window) -> float:
+        if FAULTS.error_at == (self.rank, self.step + 1):
+            raise IndexError(f"injected fault on rank {self.rank} at step {self.step + 1} (FLAVA_DS_INJECT_ERROR)")
         step_start, wait_start = time.perf_counter(), self.streams.wait_seconds
         losses, nonfinite = [], False
         for micro in range(self.accum):
@@ -338,10 +327,8 @@ class Trainer:
 
     # ---- logging ----------------------------------------------------------------------------------
     def _write_metrics(self, record: dict[str, Any]) -> None:
-        if self.rank == 0 and self.metrics_path is not None:
-            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if self.rank == 0 and self.metrics is not None:
+            self.metrics.write(record)
 
     def _scalar_logit_scale(self) -> float:
         param = self.engine.module.logit_scale
