@@ -53,13 +53,14 @@ class StopSignal:
 
 
 def launchers_to_watch(process: psutil.Process | None = None) -> list[psutil.Process]:
-    """The processes whose end should stop this rank: its launcher (the parent), and above DeepSpeed's
-    `deepspeed.launcher.launch` also the `deepspeed` command that started it. A shell or scheduler above
-    torchrun is not watched: `nohup torchrun ... &` must outlive the shell."""
+    """The processes whose end should stop this rank: its launcher (the parent, when a launcher set LOCAL_RANK:
+    torchrun or DeepSpeed's), and above DeepSpeed's `deepspeed.launcher.launch` also the `deepspeed` command
+    that started it. A shell is never watched: `nohup torchrun ... &` or `nohup python pretrain.py &` must
+    outlive it."""
     process = process or psutil.Process()
     chain = []
     parent = process.parent()
-    if parent is not None and parent.pid != 1:
+    if "LOCAL_RANK" in os.environ and parent is not None and parent.pid != 1:
         chain.append(parent)
         grandparent = parent.parent()
         if "deepspeed.launcher.launch" in " ".join(parent.cmdline()) and grandparent and grandparent.pid != 1:
