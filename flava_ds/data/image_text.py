@@ -7,6 +7,11 @@ never runs here. A BEiT block mask is drawn on the patch grid. Image-text sample
 replaced with probability ``itm_negative_prob`` by a random other sample's caption (ITM negative);
 the collator pads the captions and masks them (whole-word MLM) exactly like text-only batches.
 
+Stored ids are checked per sample (`tolerant.check_ids`, so a bad sample is replaced and counted, its
+file and row named in the log): caption ids against the tokenizer's vocabulary, codebook tokens against
+the size of the codebook the manifest records (``--codebook``), which the start-up check
+(`flava_ds.train.preflight`) compares with the model's ``image.codebook_vocab_size``.
+
 Every random choice comes from ``sampler.sample_rng(seed, key, ...)`` of the sample's ``SampleKey``
 (index, epoch): one stream for the image side and the ITM draw, the text collator's own stream for
 MLM. So a sample's tensors are a pure function of (seed, epoch, index) and a resumed run reproduces an
@@ -25,6 +30,7 @@ Batch dicts (what the collators return; exactly the model's forward keyword argu
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +45,8 @@ from flava_ds.data.masking import BlockMaskGenerator
 from flava_ds.data.sampler import SampleKey, sample_rng
 from flava_ds.data.text_dataset import TextCollator
 from flava_ds.data.tokenizer import Tokenizer
+from flava_ds.data.tolerant import check_ids
+from flava_ds.model.codebook import CodebookConfig
 
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
@@ -46,6 +54,20 @@ PATCH = 16
 # BEiT's mask for the 14x14 grid; smaller grids get the same fractions
 REFERENCE_PATCHES, REFERENCE_MASKED, REFERENCE_MIN_BLOCK = 196, 75, 16
 IMAGE_STREAM = 1  # sample_rng(seed, key, IMAGE_STREAM); the bare sample_rng(seed, key) is the MLM stream
+
+
+def codebook_size(spec: str | None) -> int | None:
+    """The number of codes of the codebook a ``--codebook`` spec names (`random:SEED[:preset]` or a directory), or
+    None where it cannot be known here: not recorded (older manifests) or a directory absent on this machine."""
+    if not spec:
+        return None
+    if spec.startswith("random:"):
+        parts = spec.split(":")
+        return (CodebookConfig.preset(parts[2]) if len(parts) > 2 else CodebookConfig()).vocab_size
+    config = Path(spec) / "config.json"
+    if not config.is_file():
+        return None
+    return int(json.loads(config.read_text()).get("vocab_size", CodebookConfig.vocab_size))
 
 
 def block_masker(
@@ -136,6 +158,7 @@ class ImageDataset(torch.utils.data.Dataset):
                 f"{self.shards.directory}: stored images are {stored} px, smaller than the "
                 f"crop {self.augment.crop_size}"
             )
+        self.codebook_size = codebook_size(self.shards.args.get("codebook"))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -148,6 +171,9 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def image_sample(self, index: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         row = self.shards.row(index, ("image", "codebook_tokens", "codebook_tokens_flipped"))
+        if self.codebook_size is not None:
+            for column in ("codebook_tokens", "codebook_tokens_flipped"):
+                check_ids(row[column], self.codebook_size, "codebook token", self.shards.location(index))
         pixels, labels = crop_with_tokens(
             row["image"],
             row["codebook_tokens"],
@@ -216,6 +242,7 @@ class ImageTextDataset(ImageDataset):
             other = int(rng.integers(0, len(self) - 1))
             caption_index, matched = other + (other >= key.index), 0
         ids = self.shards.row(caption_index, ("input_ids",))["input_ids"].astype(np.int64)
+        check_ids(ids, self.tokenizer.vocab_size, "caption token id", self.shards.location(caption_index))
         return {**sample, "input_ids": ids, "itm_labels": torch.tensor(matched), "key": key}
 
     def collator(self) -> ImageTextCollator:

@@ -25,6 +25,7 @@ from flava_ds.data.arrow_dataset import ShardError, check_file
 from flava_ds.data.masking import IGNORE_INDEX, mask_tokens
 from flava_ds.data.sampler import SampleKey, sample_rng
 from flava_ds.data.tokenizer import Tokenizer
+from flava_ds.data.tolerant import check_ids
 
 with warnings.catch_warnings():
     # megatron-core warns that Apex / Transformer Engine are missing; the indexed format needs neither.
@@ -36,6 +37,7 @@ __all__ = [
     "IndexedDatasetBuilder",
     "TextCollator",
     "TextDataset",
+    "merged_manifest",
     "recorded_tokenizer",
     "resolve_prefixes",
 ]
@@ -60,35 +62,47 @@ def resolve_prefixes(paths: str | Path | Sequence[str | Path]) -> list[str]:
     return prefixes
 
 
-def _merged_record(prefix: Path) -> dict | None:
-    """The manifest of `preprocess/text.py` that merged `prefix` (None for a bare prefix)."""
+def merged_manifest(prefix: str | Path) -> tuple[Path, dict] | None:
+    """(path, contents) of the `preprocess/text.py` manifest that merged `prefix` (None for a bare prefix)."""
+    prefix = Path(prefix)
     for path in prefix.parent.glob("manifest*.json"):
         manifest = json.loads(path.read_text())
         if (manifest.get("merged") or {}).get("prefix") == prefix.name:
-            return manifest
+            return path, manifest
     return None
 
 
 def recorded_tokenizer(prefix: str | Path) -> str | None:
     """The tokenizer fingerprint `preprocess/text.py` recorded for a merged dataset (None without a manifest)."""
-    manifest = _merged_record(Path(prefix))
-    return manifest["fingerprints"].get("tokenizer") if manifest else None
+    found = merged_manifest(prefix)
+    return found[1]["fingerprints"].get("tokenizer") if found else None
 
 
 def open_checked(prefix: str, verify_checksums: bool = False) -> IndexedDataset:
     """Open `prefix`.bin/.idx after checking them against the manifest (sizes; sha256 on request) and each other.
 
-    The `.idx` must describe exactly the bytes of the `.bin` (its last sequence ends at the file's end), so a
-    truncated or mismatched pair fails here, naming the file, instead of reading garbage mid-training."""
-    manifest = _merged_record(Path(prefix))
-    for entry in (manifest or {}).get("merged", {}).get("files", []):
+    The `.idx` must describe exactly the bytes of the `.bin`: every sequence starts where the previous one
+    ends and the last ends at the file's end, so a truncated or mismatched pair, or one damaged length in
+    the middle of the index (windows would run into the next documents), fails here naming the file."""
+    found = merged_manifest(prefix)
+    for entry in (found[1] if found else {}).get("merged", {}).get("files", []):
         check_file(Path(prefix).parent / entry["name"], entry, verify_checksums)
     try:
         dataset = IndexedDataset(prefix)
     except Exception as err:  # numpy / struct errors on a damaged index
         raise ShardError(f"{prefix}.idx: not a readable indexed-dataset index: {err}") from None
     index = dataset.index
-    end = int(index.sequence_pointers[-1] + index.sequence_lengths[-1] * index.dtype_size) if len(dataset) else 0
+    # every sequence must start where the previous one ends (in bytes): one vectorised pass over the index
+    ends = index.sequence_pointers + index.sequence_lengths.astype(np.int64) * index.dtype_size
+    bad = np.flatnonzero(index.sequence_pointers != np.concatenate([[0], ends[:-1]]))
+    if bad.size:
+        i = int(bad[0])
+        before = f"sequence {i - 1} ends at byte {int(ends[i - 1])}" if i else "the first must start at byte 0"
+        raise ShardError(
+            f"{prefix}.idx: sequence {i} starts at byte {int(index.sequence_pointers[i])}, but {before} "
+            f"(a damaged length or pointer near sequence {i}; re-run preprocess/text.py or restore the file)"
+        )
+    end = int(ends[-1]) if len(dataset) else 0
     size = os.path.getsize(f"{prefix}.bin")
     if end != size:
         raise ShardError(f"{prefix}.bin: {size} bytes, but {prefix}.idx describes {end} (the pair disagrees)")
@@ -143,10 +157,10 @@ class TextDataset(Dataset):
             raise IndexError(f"sample {key.index} out of range for {len(self)} text windows in {self.prefixes}")
         i = key.index
         start, stop = int(self._start[i]), int(self._stop[i])
-        tokens = self.datasets[self._dataset[i]].get(int(self._sequence[i]), offset=start, length=stop - start)
+        j, sequence = int(self._dataset[i]), int(self._sequence[i])
+        tokens = self.datasets[j].get(sequence, offset=start, length=stop - start)
         tok = self.tokenizer
-        if tokens.size and int(tokens.max()) >= tok.vocab_size:  # corrupt bytes: the model would index out of range
-            raise ValueError(f"sample {i}: token id {int(tokens.max())} >= vocab size {tok.vocab_size}")
+        check_ids(tokens, tok.vocab_size, "token id", f"{self.prefixes[j]}.bin sequence {sequence}")
         input_ids = np.concatenate([[tok.cls_id], tokens.astype(np.int64), [tok.sep_id]])
         return {"input_ids": input_ids, "key": key}
 

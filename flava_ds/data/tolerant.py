@@ -1,11 +1,13 @@
 """Bad samples at read time: replaced deterministically and counted, so one broken record never stops a run.
 
-Start-up checks (manifest sizes, optional sha256, `.bin`/`.idx` agreement) catch damaged files; a sample
-whose bytes are intact on disk but do not decode (a corrupt JPEG inside a shard, token ids beyond the
-vocabulary) is only found when it is read. `TolerantDataset` then serves the next index of the same
-dataset instead (index + 1, + 2, ... in the same epoch), so every rank still gets a full micro-batch
-(the contrastive gather needs equal batch sizes) and a resumed run makes the same substitution. The
-sample dict carries ``bad_samples`` (how many reads failed on the way) for the trainer to count.
+Start-up checks (manifest sizes, optional sha256, `.bin`/`.idx` agreement, Arrow offsets) catch damaged files;
+a sample whose bytes are intact on disk but do not decode (a corrupt JPEG inside a shard, caption or text token
+ids beyond the tokenizer's vocabulary, codebook tokens beyond the codebook: `check_ids`) is only found when it
+is read; its error names the file and the row or sequence, and the first failures are logged.
+`TolerantDataset` then serves the next index of the same dataset instead (index + 1, + 2, ... in the same
+epoch), so every rank still gets a full micro-batch (the contrastive gather needs equal batch sizes) and a
+resumed run makes the same substitution. The sample dict carries ``bad_samples`` (how many reads failed on the
+way) for the trainer to count.
 """
 
 from __future__ import annotations
@@ -13,12 +15,20 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import numpy as np
 from torch.utils.data import Dataset
 
 from flava_ds.data.sampler import SampleKey
 
 log = logging.getLogger(__name__)
 BAD_SAMPLES = "bad_samples"
+
+
+def check_ids(ids: np.ndarray, limit: int, what: str, where: str) -> None:
+    """ValueError (so the sample is replaced) when an id is outside [0, `limit`): the model would index out of range."""
+    outside = ids[(ids < 0) | (ids >= limit)]
+    if outside.size:
+        raise ValueError(f"{where}: {what} {int(outside[0])} out of range [0, {limit})")
 
 
 class BadDataError(RuntimeError):
