@@ -166,6 +166,11 @@ def check_batches(path: Path, reader: pa.ipc.RecordBatchFileReader, max_length: 
 
     Offsets must start at >= 0, never decrease and end within the values they index; caption token lists
     must be at most `max_length` (the manifest's ``--max-length``; None for shards that do not record it)."""
+    plan = [
+        (i, field.name, dtype, max_length if field.name == LENGTH_LIMITED else None)
+        for i, field in enumerate(reader.schema)
+        if (dtype := _offset_dtype(field.type)) is not None
+    ]
     rows = 0
     for b in range(reader.num_record_batches):
         try:
@@ -173,9 +178,8 @@ def check_batches(path: Path, reader: pa.ipc.RecordBatchFileReader, max_length: 
             batch.validate()  # buffer sizes; not the offsets' values, which a full validation scans slowly
         except (pa.ArrowInvalid, OSError) as e:
             raise ShardError(f"{path}: record batch {b} is damaged: {e}") from None
-        for name, column in zip(batch.schema.names, batch.columns):
-            limit = max_length if name == LENGTH_LIMITED else None
-            bad = _bad_offset(column, limit)
+        for i, name, dtype, limit in plan:
+            bad = _bad_offset(batch.column(i), dtype, limit)
             if bad is not None:
                 raise ShardError(
                     f"{path}: column {name!r} row {rows + bad[0]}: {bad[1]} (a damaged shard: re-convert it "
@@ -185,35 +189,35 @@ def check_batches(path: Path, reader: pa.ipc.RecordBatchFileReader, max_length: 
     return rows
 
 
-def _bad_offset(column: pa.Array, max_length: int | None) -> tuple[int, str] | None:
-    """(row, what is wrong) for the first row of a variable-length column whose offsets are invalid, else None."""
-    kind = column.type
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-        extent, dtype = len(column.values), np.int32 if pa.types.is_list(kind) else np.int64
-    elif pa.types.is_binary(kind) or pa.types.is_string(kind):
-        extent, dtype = _buffer_size(column, 2), np.int32
-    elif pa.types.is_large_binary(kind) or pa.types.is_large_string(kind):
-        extent, dtype = _buffer_size(column, 2), np.int64
+def _offset_dtype(kind: pa.DataType) -> type[np.integer] | None:
+    """The offsets' dtype of a variable-length column type (None for fixed-size ones)."""
+    if pa.types.is_list(kind) or pa.types.is_binary(kind) or pa.types.is_string(kind):
+        return np.int32
+    if pa.types.is_large_list(kind) or pa.types.is_large_binary(kind) or pa.types.is_large_string(kind):
+        return np.int64
+    return None
+
+
+def _bad_offset(column: pa.Array, dtype: type[np.integer], max_length: int | None) -> tuple[int, str] | None:
+    """(row, what is wrong) for the first row whose offsets are invalid, else None. Offsets that start at >= 0,
+    never decrease and end within the values are all in bounds, so the common case is four reductions."""
+    buffers = column.buffers()
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        extent = len(column.values)
     else:
+        extent = 0 if buffers[2] is None else buffers[2].size
+    offsets = np.frombuffer(buffers[1], dtype=dtype)[column.offset : column.offset + len(column) + 1]
+    lengths = np.diff(offsets.astype(np.int64))
+    low, high = (int(lengths.min()), int(lengths.max())) if lengths.size else (0, 0)
+    if offsets[0] >= 0 and offsets[-1] <= extent and low >= 0 and (max_length is None or high <= max_length):
         return None
-    offsets = np.frombuffer(column.buffers()[1], dtype=dtype)[column.offset : column.offset + len(column) + 1]
     starts, stops = offsets[:-1], offsets[1:]
-    lengths = stops.astype(np.int64) - starts
-    bad = (starts < 0) | (lengths < 0) | (stops > extent)
-    if max_length is not None:
-        bad |= lengths > max_length
-    if not bad.any():
-        return None
-    row = int(np.argmax(bad))
-    start, stop = int(starts[row]), int(stops[row])
-    if start < 0 or stop < start or stop > extent:
-        return row, f"offsets {start}..{stop} outside the {extent} values stored"
-    return row, f"{stop - start} entries, more than the manifest's max_length {max_length}"
-
-
-def _buffer_size(column: pa.Array, i: int) -> int:
-    buffer = column.buffers()[i]
-    return 0 if buffer is None else buffer.size
+    outside = (starts < 0) | (lengths < 0) | (stops > extent)
+    if outside.any():
+        row = int(np.argmax(outside))
+        return row, f"offsets {int(starts[row])}..{int(stops[row])} outside the {extent} values stored"
+    row = int(np.argmax(lengths > max_length))
+    return row, f"{int(lengths[row])} entries, more than the manifest's max_length {max_length}"
 
 
 def _value(column: pa.Array, r: int) -> Any:
