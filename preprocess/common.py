@@ -31,12 +31,20 @@ API for a converter (see ``preprocess/pairs.py`` for a full example)::
         return result
     return run.run(records, convert)             # records: Iterable[payload]; returns the exit code
 
-``run.run`` drives the progress bar (samples/s), the resume logic and the manifest; it returns 0, or
+``run.run`` holds the output lock (``output_lock``), drives the progress bar (samples/s), the resume logic
+and the manifest; it returns 0, or
 ``EXIT_TOO_MANY_SKIPS`` when the skip fraction exceeds ``--max-skip-fraction`` (the manifest is
 written first, with ``skip_check.passed = false``). Other helpers: ``worker_pool`` (a
 multiprocessing pool, or in-process when workers == 0), ``atomic_write_bytes``/``atomic_write_json``,
 ``read_jsonl``/``read_tsv``/``read_parquet`` (input readers that never crash on a bad line: they yield
 ``BadRecord`` payloads that the converter counts as ``bad_record``), ``file_sha256``.
+
+Output lock: one run per manifest at a time. ``output_lock(args)`` takes an exclusive, non-blocking
+``flock`` on ``.lock-<manifest name>`` in the output directory (so the machines of a multi-machine run,
+which write different manifests, do not exclude each other) and exits with one line naming the holder
+(``pid@host``, recorded in the file) if another process has it. It is re-entrant within a process, so a
+converter takes it early (before loading a codebook) and ``run.run`` nests inside; the kernel releases
+it when the process ends, even on SIGKILL, so a lock file left behind never blocks a later run.
 
 Manifest (``manifest.json``, or ``manifest-node{n}-of-{N}.json`` for multi-machine runs)::
 
@@ -51,11 +59,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import itertools
 import json
 import multiprocessing
 import os
+import socket
 import sys
 import time
 from collections import Counter
@@ -69,6 +79,8 @@ from tqdm import tqdm
 FORMAT_VERSION = 1
 EXIT_TOO_MANY_SKIPS = 3
 TMP_PREFIX = ".tmp-"
+LOCK_PREFIX = ".lock-"
+_held_locks: dict[Path, tuple[int, int]] = {}  # lock file -> (fd, nesting depth) held by this process
 
 
 # ---- atomic files ---------------------------------------------------------------------------------
@@ -202,6 +214,16 @@ def read_records(paths: Sequence[str | Path], columns: Sequence[str] | None = No
 # ---- worker pool ----------------------------------------------------------------------------------
 
 
+def _pool_worker_init(initializer: Callable | None, initargs: tuple) -> None:
+    """Close the output locks a forked worker inherited: else a worker orphaned by a SIGKILLed parent
+    would keep the lock held (flock belongs to the open file, which fork shares)."""
+    for fd, _ in _held_locks.values():
+        os.close(fd)
+    _held_locks.clear()
+    if initializer is not None:
+        initializer(*initargs)
+
+
 class _InlinePool:
     """Stands in for multiprocessing.Pool when workers == 0 (debugging, tiny runs)."""
 
@@ -220,7 +242,7 @@ def worker_pool(workers: int, initializer: Callable | None = None, initargs: tup
         yield _InlinePool(initializer, initargs)
         return
     ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    pool = ctx.Pool(workers, initializer=initializer, initargs=initargs)
+    pool = ctx.Pool(workers, initializer=_pool_worker_init, initargs=(initializer, initargs))
     try:
         yield pool
     finally:
@@ -309,6 +331,43 @@ def shard_name(index: int) -> str:
 
 def manifest_name(num_shards: int, shard_index: int) -> str:
     return "manifest.json" if num_shards == 1 else f"manifest-node{shard_index:03d}-of-{num_shards:03d}.json"
+
+
+@contextlib.contextmanager
+def output_lock(args: argparse.Namespace) -> Iterator[Path]:
+    """Hold this run's output lock (see the module docstring); yields the lock file's path.
+
+    The lock file is never deleted: unlinking a lock file lets two processes hold locks on different
+    inodes of the same name."""
+    check_common_args(args)
+    output_dir = Path(args.output)
+    path = (output_dir / f"{LOCK_PREFIX}{manifest_name(args.num_shards, args.shard_index)}").absolute()
+    if path in _held_locks:
+        fd, depth = _held_locks[path]
+        _held_locks[path] = (fd, depth + 1)
+    else:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise SystemExit(
+                f"{output_dir}: another converter ({holder}) is writing this output (lock {path}); "
+                f"wait for it to finish or stop it, or use a different --output"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}@{socket.gethostname()}\n".encode(), 0)
+        _held_locks[path] = (fd, 1)
+    try:
+        yield path
+    finally:
+        fd, depth = _held_locks.pop(path)
+        if depth > 1:
+            _held_locks[path] = (fd, depth - 1)
+        else:
+            os.close(fd)  # releases the flock
 
 
 class ShardedRun:
@@ -432,7 +491,10 @@ class ShardedRun:
                 tqdm.write(f"[{self.kind}] skipped ({reason}) {where}", file=sys.stderr)
 
     def run(self, records: Iterable[Any], convert: Callable[[ShardTask], ShardResult]) -> int:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with output_lock(self.args):
+            return self._run(records, convert)
+
+    def _run(self, records: Iterable[Any], convert: Callable[[ShardTask], ShardResult]) -> int:
         size, n, me = self.args.shard_size, self.args.num_shards, self.args.shard_index
         self._remove_stale_temporaries()
         shards = self._load_finished()
@@ -510,6 +572,7 @@ __all__ = [
     "file_sha256",
     "is_valid_utf8",
     "manifest_name",
+    "output_lock",
     "read_jsonl",
     "read_parquet",
     "read_records",

@@ -42,6 +42,7 @@ from preprocess.common import (
     add_common_args,
     atomic_write_json,
     check_common_args,
+    output_lock,
     worker_pool,
 )
 
@@ -55,6 +56,7 @@ CORRUPT_IMAGE = "corrupt_image"
 TRUNCATED_IMAGE = "truncated_image"
 TOO_SMALL = "too_small"
 TOO_LARGE = "too_large"
+OUTSIDE_IMAGE_ROOT = "outside_image_root"
 
 
 class SkipSample(Exception):
@@ -84,6 +86,18 @@ class ImageSettings:
 
 
 # ---- per-sample image work (runs in the worker processes) ------------------------------------------
+
+
+def path_under_root(root: Path, relative: str) -> Path:
+    """``root / relative``, or SkipSample(outside_image_root) when the input names a file elsewhere.
+
+    Input files are untrusted, so an absolute path or one that escapes with ``..`` (judged lexically,
+    after normalisation) is never read. Symlinks inside the root are followed, wherever they point:
+    whoever can create them already controls what the root holds."""
+    normal = os.path.normpath(relative)
+    if os.path.isabs(normal) or normal == os.pardir or normal.startswith(os.pardir + os.sep):
+        raise SkipSample(OUTSIDE_IMAGE_ROOT, f"{relative!r} is not inside the image root {root}")
+    return root / normal
 
 
 def _open_checked(path: Path, settings: ImageSettings) -> Image.Image:
@@ -292,8 +306,8 @@ def run_image_conversion(
 ) -> int:
     """Shared driver of the image converters: pool of `prepare` workers, batched dVAE, resumable shards."""
     settings = image_settings(args)
-    # fork the workers before torch starts its thread pools
-    with worker_pool(args.workers, worker_init, worker_args) as pool:
+    # lock before the slow codebook load; fork the workers before torch starts its thread pools
+    with output_lock(args), worker_pool(args.workers, worker_init, worker_args) as pool:
         encoder = CodebookEncoder(args.codebook, args.device, args.batch_size)
         fingerprints = {"codebook": encoder.fingerprint, **fingerprints}
         schema = image_schema(settings, extra_columns, {"kind": kind, **fingerprints})
@@ -321,7 +335,7 @@ def prepare_image_record(record: tuple[int, tuple[str, Any]]) -> dict | SkipSamp
         return SkipSample(BAD_RECORD, f"{payload.where}: {payload.error}")
     rel, label = payload
     try:
-        jpeg, view = load_square_image(_worker["root"] / rel, _worker["settings"])
+        jpeg, view = load_square_image(path_under_root(_worker["root"], rel), _worker["settings"])
     except SkipSample as skip:
         return skip
     return {"id": rel, "image": jpeg, "view": view, "label": label}
@@ -380,19 +394,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         parser.error(f"--input {source}: no such file or directory")
     settings = check_image_args(parser, args)
-    if classes is not None:
-        Path(args.output).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(args.output) / "classes.json", {name: i for i, name in enumerate(classes)})
-    return run_image_conversion(
-        args,
-        "images",
-        iter(records),
-        prepare_image_record,
-        _init_image_worker,
-        (settings, str(root)),
-        [("label", pa.int64())],
-        {},
-    )
+    with output_lock(args):  # classes.json, too, must not be written over a running converter's output
+        if classes is not None:
+            atomic_write_json(Path(args.output) / "classes.json", {name: i for i, name in enumerate(classes)})
+        return run_image_conversion(
+            args,
+            "images",
+            iter(records),
+            prepare_image_record,
+            _init_image_worker,
+            (settings, str(root)),
+            [("label", pa.int64())],
+            {},
+        )
 
 
 if __name__ == "__main__":

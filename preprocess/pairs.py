@@ -5,9 +5,10 @@ Columns: ``id`` (the ``--id-field`` value, else ``<input file name>:<line>``; ``
 uint16, see ``preprocess/images.py``), ``input_ids`` (int32, ``[CLS] ... [SEP]``, at most
 ``--max-length``) and ``caption`` (the raw caption, stripped of surrounding whitespace).
 
-Captions are kept when they are valid UTF-8, non-empty, have MORE than ``--min-words`` words
-(whitespace-separated; the PMD filter, default 3, so "a red car" is dropped) and, with
-``--english-only``, are classified English by the ``langid`` package (``pip install langid``).
+Captions are kept when they are non-empty, at most ``--max-caption-bytes`` in UTF-8 (default 16 KiB),
+valid UTF-8, have MORE than ``--min-words`` words (whitespace-separated; the PMD filter, default 3, so
+"a red car" is dropped) and, with ``--english-only``, are classified English by the ``langid`` package
+(``pip install langid``). Image paths are read only inside ``--image-root`` (see ``path_under_root``).
 
 Usage::
 
@@ -37,6 +38,7 @@ from preprocess.images import (
     check_image_args,
     image_settings,
     load_square_image,
+    path_under_root,
     run_image_conversion,
 )
 
@@ -44,6 +46,7 @@ EMPTY_CAPTION = "empty_caption"
 CAPTION_NOT_UTF8 = "caption_not_utf8"
 TOO_FEW_WORDS = "too_few_words"
 NOT_ENGLISH = "not_english"
+CAPTION_TOO_LONG = "caption_too_long"
 
 _worker: dict[str, Any] = {}
 
@@ -67,12 +70,18 @@ def _init_pair_worker(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
     )
 
 
-def check_caption(caption: Any, min_words: int, classify: Callable[[str], tuple] | None) -> str:
-    """The caption without surrounding whitespace, or SkipSample with the reason it is unusable."""
+def check_caption(caption: Any, min_words: int, max_bytes: int, classify: Callable[[str], tuple] | None) -> str:
+    """The caption without surrounding whitespace, or SkipSample with the reason it is unusable.
+
+    The size is checked before the text is split, classified or tokenised, so a huge caption costs
+    one pass over its bytes and is never stored."""
     if caption is None or (isinstance(caption, str) and not caption.strip()):
         raise SkipSample(EMPTY_CAPTION, "caption is empty")
     if not isinstance(caption, str):
         raise SkipSample(BAD_RECORD, f"caption is a {type(caption).__name__}, not a string")
+    size = len(caption.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise SkipSample(CAPTION_TOO_LONG, f"{size} bytes > --max-caption-bytes {max_bytes}")
     if not is_valid_utf8(caption):
         raise SkipSample(CAPTION_NOT_UTF8, repr(caption[:80]))
     words = caption.split()
@@ -95,11 +104,13 @@ def prepare_pair_record(record: tuple[int, tuple[str, Any]]) -> dict | SkipSampl
             sample_id = payload.get(args.id_field)
             if sample_id in (None, "") or not is_valid_utf8(str(sample_id)):
                 raise SkipSample(BAD_RECORD, f"no usable {args.id_field!r} field")
-        caption = check_caption(payload.get(args.caption_field), args.min_words, _worker["classify"])
+        caption = check_caption(
+            payload.get(args.caption_field), args.min_words, args.max_caption_bytes, _worker["classify"]
+        )
         image_path = payload.get(args.image_field)
         if not isinstance(image_path, str) or not image_path:
             raise SkipSample(BAD_RECORD, f"no {args.image_field!r} field")
-        jpeg, view = load_square_image(_worker["root"] / image_path, _worker["settings"])
+        jpeg, view = load_square_image(path_under_root(_worker["root"], image_path), _worker["settings"])
     except SkipSample as skip:
         return SkipSample(skip.reason, f"{source_id}: {skip.detail}")
     input_ids = _worker["tokenizer"].encode(caption, args.max_length)
@@ -110,13 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m preprocess.pairs")
     g = parser.add_argument_group("input and text")
     g.add_argument("--input", required=True, nargs="+", help=".jsonl, .tsv (header row) or .parquet files")
-    g.add_argument("--image-root", help="image paths are relative to this directory")
+    g.add_argument(
+        "--image-root",
+        help="image paths are relative to this directory (default: the current one); absolute paths and "
+        "paths escaping it with '..' are skipped (outside_image_root)",
+    )
     g.add_argument("--image-field", default="image")
     g.add_argument("--caption-field", default="caption")
     g.add_argument("--id-field", help="field holding a stable sample id (default: <file name>:<line>)")
     g.add_argument("--tokenizer", required=True, help="tokenizer.json, BERT vocab.txt or sentencepiece .model")
     g.add_argument("--max-length", type=int, default=77, help="max caption tokens including [CLS]/[SEP]")
     g.add_argument("--min-words", type=int, default=3, help="keep captions of MORE than this many words")
+    g.add_argument(
+        "--max-caption-bytes",
+        type=int,
+        default=16384,
+        help="skip captions longer than this in UTF-8 (caption_too_long), before tokenising",
+    )
     g.add_argument("--english-only", action="store_true", help="keep English captions only (needs langid)")
     add_image_args(parser)
     add_common_args(parser, default_shard_size=5000)
@@ -129,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_image_args(parser, args)
     if args.max_length < 2:
         parser.error(f"--max-length must be >= 2 to hold [CLS] and [SEP], got {args.max_length}")
+    if args.max_caption_bytes < 1:
+        parser.error(f"--max-caption-bytes must be >= 1, got {args.max_caption_bytes}")
     for path in args.input:
         if not Path(path).is_file():
             parser.error(f"--input {path}: no such file")

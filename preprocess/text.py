@@ -51,6 +51,7 @@ from preprocess.common import (
     file_sha256,
     is_valid_utf8,
     manifest_name,
+    output_lock,
     read_jsonl,
     shard_name,
     worker_pool,
@@ -250,12 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         file_suffixes=(".bin", ".idx"),
     )
     log = SkipLog()
-    with worker_pool(args.workers, _init_worker, (tokenizer,)) as pool:
-        code = run.run(read_documents(inputs, args.json_key), lambda task: _convert_shard(task, pool, dtype, log))
-    if code:
-        return code
-    name = merged_name(args.name, args.num_shards, args.shard_index)
-    merged = merge_shards(Path(args.output), manifest_name(args.num_shards, args.shard_index), name, dtype)
+    with output_lock(args):  # the merge, too, writes into the output
+        with worker_pool(args.workers, _init_worker, (tokenizer,)) as pool:
+            code = run.run(read_documents(inputs, args.json_key), lambda task: _convert_shard(task, pool, dtype, log))
+        if code:
+            return code
+        name = merged_name(args.name, args.num_shards, args.shard_index)
+        merged = merge_shards(Path(args.output), manifest_name(args.num_shards, args.shard_index), name, dtype)
     print(f"[text] merged {merged['documents']} documents into {Path(args.output) / name}.bin/.idx", file=sys.stderr)
     return 0
 
