@@ -126,11 +126,6 @@ class Trainer:
         self.model_config = model_config_of(config)
         tokenizer = Tokenizer.from_file(config.data.tokenizer) if config.data.tokenizer else None
         self.tokenizer = tokenizer
-        if tokenizer is not None and tokenizer.vocab_size > self.model_config.text.vocab_size:
-            raise ValueError(
-                f"data.tokenizer has {tokenizer.vocab_size} tokens but model text.vocab_size is "
-                f"{self.model_config.text.vocab_size}; set model.overrides.text.vocab_size"
-            )
         self.streams = TrainStreams(
             config.data, tokenizer, self.model_config.image.image_size, micro, self.dp_rank, self.dp_size
         )  # opens and checks every shard before the model
