@@ -1,22 +1,51 @@
-"""The analytic model FLOPs behind TFLOP/s and MFU agree with what torch counts in a real forward + backward."""
+"""The analytic model FLOPs behind TFLOP/s and MFU agree with what torch counts in a real forward + backward,
+for the loss weights and batch kinds of each shipped config (FLAVA_C runs no masked view and no fusion)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from flava_ds.model import FlavaConfig, FlavaForPreTraining
 from flava_ds.train.flops import batch_flops
 from tests.model_inputs import make_batches
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
-@pytest.mark.parametrize("kind", ["image_text", "image", "text"])
-def test_batch_flops_match_counted_matmuls(kind):
+
+def _runs() -> list[tuple[str, str]]:
+    """(config, batch kind) for each kind a config trains."""
+    runs = []
+    for name in ("flava_full", "flava_c", "flava_mm"):
+        ratios = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["data"]["task_ratios"]
+        runs += [(name, kind) for kind, ratio in ratios.items() if ratio > 0]
+    return runs
+
+
+@pytest.mark.parametrize(("config", "kind"), _runs())
+def test_batch_flops_match_counted_matmuls(config, kind):
+    """The config's loss weights on the `small` encoders (the `full` ones are slow on a CPU); eager attention,
+    whose matmuls torch counts (not those of the fused CPU SDPA kernel)."""
+    run = yaml.safe_load((CONFIGS / f"{config}.yaml").read_text())
+    overrides = run["model"].get("overrides", {})
     torch.manual_seed(0)
-    model = FlavaForPreTraining(FlavaConfig.preset("small"))
+    model = FlavaForPreTraining(FlavaConfig.preset("small", attn_impl="eager", **overrides))
     batch = make_batches(model.config, batch=6, seq_len=24, seed=1)[kind]
+    if kind == "image_text" and run["data"].get("itm_negative_prob") == 0:
+        batch["itm_labels"] = torch.ones_like(batch["itm_labels"])  # every pair matched, as the loader gives
     with FlopCounterMode(display=False) as counter:
         model(**batch).loss.backward()
-    # the analytic count leaves out the few matmuls with no input gradient (patch embedding) and filler queries
+    # the analytic count leaves out filler queries (rows with fewer targets than the longest) and the padded
+    # keys eager attention computes
     assert counter.get_total_flops() == pytest.approx(batch_flops(model.config, kind, batch), rel=0.05)
+
+
+def test_batch_flops_refuse_a_mislabelled_batch():
+    """The count follows the inputs' kind, as the model does; a caller's other label would count other passes."""
+    cfg = FlavaConfig.preset("tiny")
+    with pytest.raises(ValueError, match="task 'image', but the inputs make a batch of kind 'image_text'"):
+        batch_flops(cfg, "image", make_batches(cfg)["image_text"])

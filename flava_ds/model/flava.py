@@ -5,12 +5,14 @@ The batch kind follows from the inputs, as in `transformers`:
   text-only   (input_ids[_masked], attention_mask, mlm_labels)           -> MLM
   image-text  (both, plus itm_labels)  -> global contrastive, ITM, MMM-image, MMM-text
 Only what the batch kind needs is computed: image-only batches never run an unmasked image pass, a
-contrastive-only model never runs the multimodal encoder, and heads only see masked positions.
+contrastive-only model never runs the multimodal encoder, and heads only see masked positions. `ForwardPlan`
+decides which passes and heads run; `flava_ds.train.flops` counts the same plan.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -54,14 +56,74 @@ class PretrainingBatch:
     mlm_labels: torch.Tensor | None
     itm_labels: torch.Tensor | None
 
+    @classmethod
+    def from_inputs(cls, inputs: Mapping[str, torch.Tensor]) -> PretrainingBatch:
+        """From `forward`'s keyword arguments (a loader batch); absent ones are None."""
+        return cls(**{f.name: inputs.get(f.name) for f in fields(cls)})
+
     @property
     def has_text(self) -> bool:
         return self.input_ids is not None or self.input_ids_masked is not None
 
     @property
+    def kind(self) -> str:
+        """The batch kind the inputs make, as in `transformers`: 'image_text', 'image' or 'text'."""
+        if self.pixel_values is not None:
+            return "image_text" if self.has_text else "image"
+        return "text"
+
+    @property
     def text_ids(self) -> torch.Tensor | None:
         """The ids the masked-modelling text pass reads: the masked ones when given."""
         return self.input_ids_masked if self.input_ids_masked is not None else self.input_ids
+
+
+# Per head: the batch kind it runs in and the input it reads (None: ITM's logits need no labels).
+_HEAD_INPUTS = {
+    "mim": ("image", "mim_labels"),
+    "mlm": ("text", "mlm_labels"),
+    "itm": ("image_text", None),
+    "global_contrastive": ("image_text", "input_ids"),
+    "mmm_image": ("image_text", "mim_labels"),
+    "mmm_text": ("image_text", "mlm_labels"),
+}
+FUSION_HEADS = frozenset({"itm", "mmm_image", "mmm_text"})
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """Which passes and heads one forward runs, decided from the config and the inputs given. The forward paths
+    follow it and `flava_ds.train.flops.batch_flops` counts it, so the model FLOPs behind MFU are those of the
+    work that runs: a head runs for a loss of weight > 0 whose input is given, a pass only when a running head
+    reads it (FLAVA_C, contrastive only, runs no masked view and no fusion)."""
+
+    kind: str  # 'image_text', 'image' or 'text'
+    heads: frozenset[str]  # the LOSS_NAMES whose heads run; 'global_contrastive': the unmasked views' projections
+    shared_image: bool  # image-text: one unmasked image pass feeds contrastive and fusion (no mask was given)
+    shared_text: bool  # image-text: one text pass feeds both (no masked ids were given)
+
+    @classmethod
+    def of(cls, config: FlavaConfig, b: PretrainingBatch) -> ForwardPlan:
+        kind = b.kind
+        heads = frozenset(
+            name
+            for name, (head_kind, needs) in _HEAD_INPUTS.items()
+            if head_kind == kind
+            and getattr(config, f"{name}_weight") > 0
+            and (needs is None or getattr(b, needs) is not None)
+        )
+        both = "global_contrastive" in heads and not heads.isdisjoint(FUSION_HEADS)
+        return cls(kind, heads, both and b.bool_masked_pos is None, both and b.text_ids is b.input_ids)
+
+    @property
+    def contrastive(self) -> bool:
+        """The unmasked views run; the contrastive loss reads their CLS only (all positions when shared)."""
+        return "global_contrastive" in self.heads
+
+    @property
+    def fusion(self) -> bool:
+        """The masked views (or the shared unmasked ones) and the multimodal encoder run."""
+        return not self.heads.isdisjoint(FUSION_HEADS)
 
 
 class FlavaForPreTraining(nn.Module):
@@ -187,61 +249,48 @@ class FlavaForPreTraining(nn.Module):
             itm_labels,
         )
         self._check_inputs(batch)
-        if batch.pixel_values is not None and batch.has_text:
-            return self._image_text(batch)
-        if batch.pixel_values is not None:
-            return self._image_only(batch)
-        return self._text_only(batch)
+        plan = ForwardPlan.of(self.config, batch)
+        paths = {"image_text": self._image_text, "image": self._image_only, "text": self._text_only}
+        return paths[plan.kind](batch, plan)
 
-    def _image_only(self, b: PretrainingBatch) -> FlavaOutput:
+    def _image_only(self, b: PretrainingBatch, plan: ForwardPlan) -> FlavaOutput:
         out, targets = FlavaOutput(), None
-        if b.mim_labels is not None and self.config.mim_weight > 0:
-            targets = F.pad(_mim_targets(b.mim_labels, b.bool_masked_pos), (1, 0), value=IGNORE_INDEX)  # (B, 1+P)
+        if "mim" in plan.heads:
+            targets = F.pad(mim_targets(b.mim_labels, b.bool_masked_pos), (1, 0), value=IGNORE_INDEX)  # (B, 1+P)
         index = _target_positions(targets)
         _, image = self.image_encoder(b.pixel_values, b.bool_masked_pos, index)
         if targets is not None:
             self._masked_prediction(out, "mim", self.mim_head, image, targets.gather(1, index), self.config.mim_weight)
         return self._finish(out)
 
-    def _text_only(self, b: PretrainingBatch) -> FlavaOutput:
+    def _text_only(self, b: PretrainingBatch, plan: ForwardPlan) -> FlavaOutput:
         out = FlavaOutput()
-        targets = b.mlm_labels if b.mlm_labels is not None and self.config.mlm_weight > 0 else None
+        targets = b.mlm_labels if "mlm" in plan.heads else None
         index = _target_positions(targets)
         _, text = self.text_encoder(b.text_ids, _padding_mask(b.attention_mask), index)
         if targets is not None:
             self._masked_prediction(out, "mlm", self.mlm_head, text, targets.gather(1, index), self.config.mlm_weight)
         return self._finish(out)
 
-    def _image_text(self, b: PretrainingBatch) -> FlavaOutput:
+    def _image_text(self, b: PretrainingBatch, plan: ForwardPlan) -> FlavaOutput:
         cfg, out = self.config, FlavaOutput()
         padding = _padding_mask(b.attention_mask)
-        need_contrastive = cfg.global_contrastive_weight > 0 and b.input_ids is not None
-        need_fusion = max(cfg.itm_weight, cfg.mmm_image_weight, cfg.mmm_text_weight) > 0
-
-        reuse_image = need_fusion and b.bool_masked_pos is None  # the unmasked views feed fusion too: keep all
-        reuse_text = need_fusion and b.text_ids is b.input_ids
         image = text = None
-        if need_contrastive:  # unmasked views; the contrastive loss reads their CLS only
-            image = self.image_encoder(b.pixel_values, None, None if reuse_image else _cls_only(b.pixel_values))
-            text = self.text_encoder(b.input_ids, padding, None if reuse_text else _cls_only(b.input_ids))
+        if plan.contrastive:  # unmasked views; the contrastive loss reads their CLS only (all when fusion shares)
+            image = self.image_encoder(b.pixel_values, None, None if plan.shared_image else _cls_only(b.pixel_values))
+            text = self.text_encoder(b.input_ids, padding, None if plan.shared_text else _cls_only(b.input_ids))
 
-        row_mask = None
-        if b.itm_labels is not None:  # MMM and contrastive queries use matched pairs only (all if none matched)
-            matched = b.itm_labels.ne(0)
-            row_mask = matched | ~matched.any()
-
-        if need_fusion:
-            image_masked = (
-                image if reuse_image and image is not None else self.image_encoder(b.pixel_values, b.bool_masked_pos)
-            )
-            text_masked = text if reuse_text and text is not None else self.text_encoder(b.text_ids, padding)
+        row_mask = matched_rows(b.itm_labels)  # MMM and contrastive queries use matched pairs only
+        if plan.fusion:
+            image_masked = image if plan.shared_image else self.image_encoder(b.pixel_values, b.bool_masked_pos)
+            text_masked = text if plan.shared_text else self.text_encoder(b.text_ids, padding)
             # targets over the fused sequence [CLS_M, CLS_I, P patches, L tokens]; MMM reads matched rows only
             P, L = image_masked[0].shape[1] - 1, text_masked[0].shape[1]
             mmm_image = mmm_text = None
-            if b.mim_labels is not None and cfg.mmm_image_weight > 0:
-                mmm_image = F.pad(_mim_targets(b.mim_labels, b.bool_masked_pos), (2, L), value=IGNORE_INDEX)
+            if "mmm_image" in plan.heads:
+                mmm_image = F.pad(mim_targets(b.mim_labels, b.bool_masked_pos), (2, L), value=IGNORE_INDEX)
                 mmm_image = _rows(mmm_image, row_mask)
-            if b.mlm_labels is not None and cfg.mmm_text_weight > 0:
+            if "mmm_text" in plan.heads:
                 mmm_text = _rows(F.pad(b.mlm_labels, (2 + P, 0), value=IGNORE_INDEX), row_mask)
             wanted = torch.zeros(b.text_ids.shape[0], 2 + P + L, dtype=torch.bool, device=b.text_ids.device)
             wanted[:, 0] = True  # CLS_M, read by ITM
@@ -255,7 +304,7 @@ class FlavaForPreTraining(nn.Module):
                 padding,
                 index,
             )  # (B, Q, H)
-            if cfg.itm_weight > 0:
+            if "itm" in plan.heads:
                 itm_logits = self.itm_head(fused[:, 0])
                 out.logits["itm"] = itm_logits
                 if b.itm_labels is not None:
@@ -269,7 +318,7 @@ class FlavaForPreTraining(nn.Module):
                     out, "mmm_text", self.mmm_text_head, fused, mmm_text.gather(1, index), cfg.mmm_text_weight
                 )
 
-        if need_contrastive:
+        if plan.contrastive:
             out.image_embedding = self._embed(self.image_projection, image[1])
             out.text_embedding = self._embed(self.text_projection, text[1])
             loss, per_image, per_text = self.contrastive(
@@ -379,6 +428,14 @@ def _rows(targets: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
     return targets if row_mask is None else targets.masked_fill(~row_mask[:, None], IGNORE_INDEX)
 
 
-def _mim_targets(mim_labels: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
+def matched_rows(itm_labels: torch.Tensor | None) -> torch.Tensor | None:
+    """The rows (B,) whose pair is matched (all if none is), which MMM and the contrastive loss read."""
+    if itm_labels is None:
+        return None
+    matched = itm_labels.ne(0)
+    return matched | ~matched.any()
+
+
+def mim_targets(mim_labels: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
     """Codebook ids at masked patches, ignore index elsewhere (never modifies the caller's tensor)."""
     return mim_labels.masked_fill(~bool_masked_pos.bool(), IGNORE_INDEX)

@@ -1,7 +1,9 @@
 """Model FLOPs counted analytically from the config and the batch's real shapes (for TFLOP/s and MFU).
 
 Counts matrix multiplies only (2 FLOPs per multiply-add), forward x 3 for forward + backward, as
-Megatron-LM and PaLM's MFU do; activation checkpointing recomputation is not model FLOPs.
+Megatron-LM and PaLM's MFU do (x 2 for the patch embedding, whose input needs no gradient); activation
+checkpointing recomputation is not model FLOPs. Only what the model runs is counted: the passes and heads of
+its `ForwardPlan` for the config's loss weights and the batch's inputs.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from flava_ds.model.config import EncoderConfig, FlavaConfig
+from flava_ds.model.flava import IGNORE_INDEX, ForwardPlan, PretrainingBatch, matched_rows, mim_targets
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), matched against torch.cuda.get_device_name().
 PEAK_TFLOPS = {
@@ -55,38 +58,65 @@ def _head(hidden: int, vocab: int, positions: torch.Tensor) -> float:
     return 2 * float(positions.sum()) * (hidden * hidden + hidden * vocab)
 
 
+def _row_counts(mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) -> (B,) on the CPU, where the counting happens whatever device the batch is on."""
+    return mask.sum(1).cpu()
+
+
 def batch_flops(cfg: FlavaConfig, task: str, batch: dict[str, torch.Tensor]) -> float:
-    """Forward + backward model FLOPs of one micro-batch of kind `task` ('image_text', 'image', 'text')."""
+    """Forward + backward model FLOPs of one micro-batch of kind `task` ('image_text', 'image', 'text'): the
+    passes and heads the model's own `ForwardPlan` runs for this config and these inputs, so a loss of weight 0
+    (FLAVA_C's masked views and fusion) is not counted."""
+    b = PretrainingBatch.from_inputs(batch)
+    plan = ForwardPlan.of(cfg, b)
+    if plan.kind != task:
+        raise ValueError(f"batch_flops: task {task!r}, but the inputs make a batch of kind {plan.kind!r}")
     img, txt, mm = cfg.image, cfg.text, cfg.multimodal
-    fwd = 0.0
-    if "pixel_values" in batch:
-        B, P = batch["pixel_values"].shape[0], img.num_patches
-        patches = 2 * B * P * img.num_channels * img.patch_size**2 * img.hidden_size
+    if b.pixel_values is not None:
+        B, P = b.pixel_values.shape[0], img.num_patches
+        # the patch embedding runs forward and weight gradient only (pixels need none): 2/3 of the final x 3
+        patches = 2 / 3 * 2 * B * P * img.num_channels * img.patch_size**2 * img.hidden_size
         image_lengths = torch.full((B,), P + 1)
-        masked = batch["bool_masked_pos"].sum(1)
-    if "input_ids" in batch:
-        B, L = batch["input_ids"].shape
-        text_lengths = batch["attention_mask"].sum(1) if "attention_mask" in batch else torch.full((B,), L)
-        masked_text = (batch["mlm_labels"] != -100).sum(1)
-    if task == "image":
-        fwd = patches + _encoder(img, image_lengths, masked) + _head(img.hidden_size, img.codebook_vocab_size, masked)
-    elif task == "text":
-        fwd = _encoder(txt, text_lengths, masked_text) + _head(txt.hidden_size, txt.vocab_size, masked_text)
-    else:
-        cls = torch.ones(B)
-        # unmasked views (the contrastive loss reads CLS) and masked views (all positions feed fusion)
-        fwd = 2 * patches + _encoder(img, image_lengths, cls) + _encoder(img, image_lengths)
-        fwd += _encoder(txt, text_lengths, cls) + _encoder(txt, text_lengths)
-        real_text = float(text_lengths.sum())
-        fwd += 2 * (B * (P + 1) * img.hidden_size + real_text * txt.hidden_size) * mm.hidden_size  # to-mm
-        matched = batch["itm_labels"].bool() if "itm_labels" in batch else torch.ones(B, dtype=torch.bool)
-        matched |= ~matched.any()  # MMM reads matched pairs only (all if none matched)
-        mmm_image, mmm_text = masked * matched, masked_text * matched
-        fwd += _encoder(mm, 2 + P + text_lengths, cls + mmm_image + mmm_text)  # CLS_M (ITM) + MMM positions
-        fwd += _head(mm.hidden_size, img.codebook_vocab_size, mmm_image) + _head(
-            mm.hidden_size, txt.vocab_size, mmm_text
-        )
-        fwd += 2 * B * (img.hidden_size + txt.hidden_size) * cfg.projection_dim + 2 * B * mm.hidden_size**2
+        if b.mim_labels is not None:
+            masked_patches = _row_counts(mim_targets(b.mim_labels, b.bool_masked_pos).ne(IGNORE_INDEX))
+    if b.has_text:
+        B, L = b.text_ids.shape
+        text_lengths = _row_counts(b.attention_mask) if b.attention_mask is not None else torch.full((B,), L)
+        if b.mlm_labels is not None:
+            masked_text = _row_counts(b.mlm_labels.ne(IGNORE_INDEX))
+
+    def image(queries: torch.Tensor | None = None) -> float:
+        return patches + _encoder(img, image_lengths, queries)
+
+    if plan.kind == "image":
+        if "mim" not in plan.heads:
+            return 3 * image()
+        return 3 * (image(masked_patches) + _head(img.hidden_size, img.codebook_vocab_size, masked_patches))
+    if plan.kind == "text":
+        if "mlm" not in plan.heads:
+            return 3 * _encoder(txt, text_lengths)
+        return 3 * (_encoder(txt, text_lengths, masked_text) + _head(txt.hidden_size, txt.vocab_size, masked_text))
+
+    fwd, cls = 0.0, torch.ones(B)
+    if plan.contrastive:  # unmasked views (CLS only unless fusion shares them) and the projections
+        fwd += image(None if plan.shared_image else cls)
+        fwd += _encoder(txt, text_lengths, None if plan.shared_text else cls)
+        fwd += 2 * B * (img.hidden_size + txt.hidden_size) * cfg.projection_dim
+    if plan.fusion:  # the masked views (unless shared), their projections to fusion, fusion and its heads
+        if not plan.shared_image:
+            fwd += image()
+        if not plan.shared_text:
+            fwd += _encoder(txt, text_lengths)
+        fwd += 2 * (B * (P + 1) * img.hidden_size + float(text_lengths.sum()) * txt.hidden_size) * mm.hidden_size
+        rows = matched_rows(b.itm_labels)
+        rows = torch.ones(B) if rows is None else rows.cpu().double()
+        mmm_image = masked_patches * rows if "mmm_image" in plan.heads else torch.zeros(B)
+        mmm_text = masked_text * rows if "mmm_text" in plan.heads else torch.zeros(B)
+        fwd += _encoder(mm, 2 + P + text_lengths, cls + mmm_image + mmm_text)  # CLS_M + the MMM positions
+        fwd += _head(mm.hidden_size, img.codebook_vocab_size, mmm_image)
+        fwd += _head(mm.hidden_size, txt.vocab_size, mmm_text)
+        if "itm" in plan.heads:
+            fwd += 2 * B * mm.hidden_size * (mm.hidden_size + 2)
     return 3 * fwd
 
 
