@@ -43,7 +43,7 @@ Output lock: one run per manifest at a time. ``output_lock(args)`` takes an excl
 ``flock`` on ``.lock-<manifest name>`` in the output directory (so the machines of a multi-machine run,
 which write different manifests, do not exclude each other) and exits with one line naming the holder
 (``pid@host``, recorded in the file) if another process has it. It is re-entrant within a process, so a
-converter takes it early (before loading a codebook) and ``run.run`` nests inside; the kernel releases
+converter takes it early (before loading its tokenizer or codebook) and ``run.run`` nests inside; the kernel releases
 it when the process ends, even on SIGKILL, so a lock file left behind never blocks a later run.
 
 Manifest (``manifest.json``, or ``manifest-node{n}-of-{N}.json`` for multi-machine runs)::

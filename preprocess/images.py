@@ -304,10 +304,12 @@ def run_image_conversion(
     extra_columns: Sequence[tuple[str, pa.DataType]],
     fingerprints: dict[str, str],
 ) -> int:
-    """Shared driver of the image converters: pool of `prepare` workers, batched dVAE, resumable shards."""
+    """Shared driver of the image converters: pool of `prepare` workers, batched dVAE, resumable shards.
+
+    Callers hold ``output_lock(args)`` already, so a second converter stops before the codebook loads."""
     settings = image_settings(args)
-    # lock before the slow codebook load; fork the workers before torch starts its thread pools
-    with output_lock(args), worker_pool(args.workers, worker_init, worker_args) as pool:
+    # fork the workers before torch starts its thread pools
+    with worker_pool(args.workers, worker_init, worker_args) as pool:
         encoder = CodebookEncoder(args.codebook, args.device, args.batch_size)
         fingerprints = {"codebook": encoder.fingerprint, **fingerprints}
         schema = image_schema(settings, extra_columns, {"kind": kind, **fingerprints})
@@ -384,17 +386,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_image_args(parser)
     add_common_args(parser, default_shard_size=5000)
     args = parser.parse_args(argv)
-    source = Path(args.input)
-    if source.is_dir():
-        records, classes = folder_records(source)
-        root = source
-    elif source.is_file():
-        records, classes = list_file_records(source)
-        root = Path(args.image_root) if args.image_root else source.parent
-    else:
-        parser.error(f"--input {source}: no such file or directory")
     settings = check_image_args(parser, args)
-    with output_lock(args):  # classes.json, too, must not be written over a running converter's output
+    source = Path(args.input)
+    if not (source.is_dir() or source.is_file()):
+        parser.error(f"--input {source}: no such file or directory")
+    # before listing the input (a walk of a large tree) and the codebook; classes.json is output too
+    with output_lock(args):
+        if source.is_dir():
+            records, classes = folder_records(source)
+            root = source
+        else:
+            records, classes = list_file_records(source)
+            root = Path(args.image_root) if args.image_root else source.parent
         if classes is not None:
             atomic_write_json(Path(args.output) / "classes.json", {name: i for i, name in enumerate(classes)})
         return run_image_conversion(

@@ -30,7 +30,7 @@ from typing import Any
 import pyarrow as pa
 
 from flava_ds.data.tokenizer import Tokenizer
-from preprocess.common import BadRecord, add_common_args, is_valid_utf8, read_records
+from preprocess.common import BadRecord, add_common_args, is_valid_utf8, output_lock, read_records
 from preprocess.images import (
     BAD_RECORD,
     SkipSample,
@@ -157,18 +157,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"--input {path}: no such file")
     if args.english_only:
         _language_classifier()
-    tokenizer = Tokenizer.from_file(args.tokenizer)
-    columns = [args.image_field, args.caption_field] + ([args.id_field] if args.id_field else [])
-    return run_image_conversion(
-        args,
-        "pairs",
-        read_records(args.input, columns),
-        prepare_pair_record,
-        _init_pair_worker,
-        (args, tokenizer),
-        [("input_ids", pa.list_(pa.int32())), ("caption", pa.string())],
-        {"tokenizer": tokenizer.fingerprint},
-    )
+    with output_lock(args):  # before the tokenizer and the codebook: a second converter exits at once
+        tokenizer = Tokenizer.from_file(args.tokenizer)
+        columns = [args.image_field, args.caption_field] + ([args.id_field] if args.id_field else [])
+        return run_image_conversion(
+            args,
+            "pairs",
+            read_records(args.input, columns),
+            prepare_pair_record,
+            _init_pair_worker,
+            (args, tokenizer),
+            [("input_ids", pa.list_(pa.int32())), ("caption", pa.string())],
+            {"tokenizer": tokenizer.fingerprint},
+        )
 
 
 if __name__ == "__main__":

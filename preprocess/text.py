@@ -239,19 +239,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_common_args(args)
-        tokenizer = Tokenizer.from_file(args.tokenizer)
         inputs = expand_inputs(args.input)
     except ValueError as e:
         parser.error(str(e))
-    dtype = token_dtype(tokenizer.vocab_size)
-    run = ShardedRun(
-        args,
-        kind="text",
-        fingerprints={"tokenizer": tokenizer.fingerprint},
-        file_suffixes=(".bin", ".idx"),
-    )
-    log = SkipLog()
-    with output_lock(args):  # the merge, too, writes into the output
+    with output_lock(args):  # before the tokenizer loads; held through the merge, which writes the output too
+        try:
+            tokenizer = Tokenizer.from_file(args.tokenizer)
+        except ValueError as e:
+            parser.error(str(e))
+        dtype = token_dtype(tokenizer.vocab_size)
+        run = ShardedRun(
+            args,
+            kind="text",
+            fingerprints={"tokenizer": tokenizer.fingerprint},
+            file_suffixes=(".bin", ".idx"),
+        )
+        log = SkipLog()
         with worker_pool(args.workers, _init_worker, (tokenizer,)) as pool:
             code = run.run(read_documents(inputs, args.json_key), lambda task: _convert_shard(task, pool, dtype, log))
         if code:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 
 from flava_ds.data.tokenizer import Tokenizer
-from preprocess import images, pairs
+from preprocess import images, pairs, text
 from preprocess.common import file_sha256
 from tests.data_fixtures import (
     CODEBOOK,
@@ -115,6 +115,32 @@ def test_a_lock_left_by_a_sigkilled_converter_does_not_block_the_rerun(corpus: P
     assert pairs.main(pairs_args(corpus, out, "--workers", "1")) == 0
     assert complete_manifest(out)["samples_written"] == 12
     assert (out / LOCK).read_text() == f"{os.getpid()}@{socket.gethostname()}\n"
+
+
+def test_every_converter_checks_the_lock_before_loading_anything_and_per_shard_index(corpus: Path, tmp_path: Path):
+    """With this process holding the lock (its own open file, so flock excludes it as it would another
+    process), each converter refuses even with a tokenizer or codebook that would fail to load; the machine of
+    another --shard-index, whose manifest and lock differ, writes into the same directory meanwhile."""
+    out = tmp_path / "out"
+    out.mkdir()
+    missing = str(tmp_path / "missing")
+    text_args = ["--input", str(corpus / "pairs.jsonl"), "--output", str(out), "--tokenizer", missing]
+    image_args = ["--input", str(corpus / "img"), "--output", str(out), "--codebook", missing, "--no-progress"]
+    node1 = pairs_args(corpus, out, "--num-shards", "2", "--shard-index", "1", "--max-skip-fraction", "1")
+    with open(out / LOCK, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242@elsewhere\n")
+        held.flush()
+        for main, argv in (
+            (pairs.main, pairs_args(corpus, out, "--tokenizer", missing)),
+            (text.main, text_args),
+            (images.main, image_args),
+        ):
+            with pytest.raises(SystemExit, match=r"another converter \(4242@elsewhere\)"):
+                main(argv)
+        assert pairs.main(node1) == 0
+    assert json.loads((out / "manifest-node001-of-002.json").read_text())["complete"]
+    assert not (out / "manifest.json").exists() and not (out / "classes.json").exists()
 
 
 @pytest.fixture
