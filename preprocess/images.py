@@ -89,15 +89,17 @@ class ImageSettings:
 
 
 def path_under_root(root: Path, relative: str) -> Path:
-    """``root / relative``, or SkipSample(outside_image_root) when the input names a file elsewhere.
+    """The input's image path inside `root`, or SkipSample(outside_image_root) when it names a file elsewhere.
 
-    Input files are untrusted, so an absolute path or one that escapes with ``..`` (judged lexically,
-    after normalisation) is never read. Symlinks inside the root are followed, wherever they point:
-    whoever can create them already controls what the root holds."""
-    normal = os.path.normpath(relative)
-    if os.path.isabs(normal) or normal == os.pardir or normal.startswith(os.pardir + os.sep):
+    Input files are untrusted, so a path that resolves outside the root (judged lexically, after
+    normalisation: `..` escapes, absolute paths elsewhere) is never read; an absolute path inside the root is
+    fine (`--image-root /` admits every absolute path). Symlinks inside the root are followed, wherever they
+    point: whoever can create them already controls what the root holds."""
+    base = os.path.normpath(os.path.abspath(root))
+    target = os.path.normpath(os.path.join(base, relative))
+    if os.path.commonpath([base, target]) != base:
         raise SkipSample(OUTSIDE_IMAGE_ROOT, f"{relative!r} is not inside the image root {root}")
-    return root / normal
+    return Path(target)
 
 
 def _open_checked(path: Path, settings: ImageSettings) -> Image.Image:

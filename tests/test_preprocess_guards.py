@@ -162,13 +162,14 @@ ESCAPES = ("../outside/real.jpg", "img/../../outside/real.jpg")
 def test_pairs_never_read_images_outside_the_image_root(outside_root: tuple[Path, Path]):
     root, real = outside_root
     rng = np.random.default_rng(0)
-    names = [str(real), *ESCAPES, "img/0000.jpg", "img/sub/../0001.jpg", "img/link.jpg"]
+    inside = str(root / "img" / "0002.jpg")  # absolute, but inside the root: read
+    names = [str(real), *ESCAPES, "img/0000.jpg", "img/sub/../0001.jpg", "img/link.jpg", inside]
     write_jsonl(root / "pairs.jsonl", [{"image": n, "caption": caption(rng)} for n in names])
     out = root / "out"
     assert pairs.main(pairs_args(root, out, "--max-skip-fraction", "1")) == 0
     manifest = complete_manifest(out)
     assert manifest["skipped"] == {"outside_image_root": 3}
-    assert [r["id"] for r in read_rows(out, ["id"])] == ["pairs.jsonl:4", "pairs.jsonl:5", "pairs.jsonl:6"]
+    assert [r["id"] for r in read_rows(out, ["id"])] == [f"pairs.jsonl:{i}" for i in (4, 5, 6, 7)]
 
 
 def test_image_list_paths_outside_the_image_root_are_skipped(outside_root: tuple[Path, Path]):
