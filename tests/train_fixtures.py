@@ -162,10 +162,11 @@ def step_losses(metrics_file: Path) -> dict[int, float]:
 KNOWN_EXIT_ABORT = "terminate called without an active exception"  # DeepSpeed on CPU, after training finished
 
 
-def finished(result: subprocess.CompletedProcess, ranks: int) -> bool:
-    """Every rank printed the completion marker, and the exit code is 0 or only the known abort at exit."""
-    from flava_ds.train.trainer import COMPLETE_MARKER
+def finished(result: subprocess.CompletedProcess, ranks: int, stopped_early: bool = False) -> bool:
+    """Every rank printed the completion marker (or, `stopped_early`, the stop marker), and the exit code is 0 or
+    only the known abort at exit."""
+    from flava_ds.train.trainer import COMPLETE_MARKER, STOPPED_MARKER
 
     output = result.stdout + result.stderr
-    done = output.count(COMPLETE_MARKER) == ranks
+    done = output.count(STOPPED_MARKER if stopped_early else COMPLETE_MARKER) == ranks
     return done and (result.returncode == 0 or KNOWN_EXIT_ABORT in output)
