@@ -1,22 +1,25 @@
 """Machinery shared by every offline converter: input splitting, resumable shards, manifests, skips.
 
-A converter turns a stream of input *records* into output *shards*. Shards are defined over INPUT
-record ranges: shard k holds what survives of records [k * shard_size, (k + 1) * shard_size).
-That makes everything below deterministic and trivially resumable, independent of how many records
-are skipped:
+A converter turns a stream of input *records* into output *shards*. Shards are defined over the INPUT:
+shard k holds what survives of records [k * shard_size, (k + 1) * shard_size) (``fixed_size_shards``), or
+of the k-th input unit where the input comes in units already (one webdataset tar = one shard, so a
+machine skips the other machines' tars without reading them). That makes everything below deterministic
+and trivially resumable, independent of how many records are skipped:
 
 * multi-machine runs (``--num-shards N --shard-index n``) process the shards k with k % N == n;
   their files have the same names and bytes as a single-machine run, so the union of all machines'
   outputs (in one directory or several) is exactly the single run;
 * a shard is written to a temporary name and renamed into place (atomic), then recorded in the
   manifest (also written atomically). A re-run into the same output keeps every recorded shard whose
-  files still have their recorded sizes, deletes stale temporaries, and redoes the rest.
+  files still have their recorded sizes, deletes stale temporaries, and redoes the rest. A re-run with
+  other settings is refused (naming ``--overwrite``, which discards this machine's earlier output).
 
 API for a converter (see ``preprocess/pairs.py`` for a full example)::
 
     parser = argparse.ArgumentParser(...)
     add_common_args(parser)                       # --output --workers --shard-size --num-shards
                                                   # --shard-index --max-skip-fraction --no-progress
+                                                  # --overwrite
     args = parser.parse_args(argv)              # check_common_args(args) early gives a clean parser.error
     run = ShardedRun(args, kind="text", fingerprints={"tokenizer": tok.fingerprint},
                      file_suffixes=(".bin", ".idx"),         # the files making up one shard
@@ -29,15 +32,15 @@ API for a converter (see ``preprocess/pairs.py`` for a full example)::
         result.skip("empty_text", "corpus.jsonl:17")    # first few per reason: printed + in manifest
         result.samples = n_written
         return result
-    return run.run(records, convert)             # records: Iterable[payload]; returns the exit code
+    return run.run(fixed_size_shards(records, args.shard_size), convert,   # returns the exit code
+                   shard_rows=fixed_size_rows(total_records, args.shard_size))  # bar total + ETA if known
 
-``run.run`` holds the output lock (``output_lock``), drives the progress bar (samples/s), the resume logic
+``run.run`` holds the output lock (``output_lock``), drives the progress bar (records/s), the resume logic
 and the manifest; it returns 0, or
 ``EXIT_TOO_MANY_SKIPS`` when the skip fraction exceeds ``--max-skip-fraction`` (the manifest is
 written first, with ``skip_check.passed = false``). Other helpers: ``worker_pool`` (a
 multiprocessing pool, or in-process when workers == 0), ``atomic_write_bytes``/``atomic_write_json``,
-``read_jsonl``/``read_tsv``/``read_parquet`` (input readers that never crash on a bad line: they yield
-``BadRecord`` payloads that the converter counts as ``bad_record``), ``file_sha256``.
+``file_sha256``. Input readers (formats, decompression, the start-up probe) live in ``preprocess/readers.py``.
 
 Output lock: one run per manifest at a time. ``output_lock(args)`` takes an exclusive, non-blocking
 ``flock`` on ``.lock-<manifest name>`` in the output directory (so the machines of a multi-machine run,
@@ -50,7 +53,8 @@ Manifest (``manifest.json``, or ``manifest-node{n}-of-{N}.json`` for multi-machi
 
     {"kind", "format_version", "args", "fingerprints", "complete",
      "inputs_seen", "samples_written", "skipped": {reason: count}, "skip_examples": {reason: [where]},
-     "shards": [{"index", "first_record", "num_records", "samples", "skipped", "skip_examples",
+     "dropped": {reason: count},   # parts of kept samples left out (a multi-caption image's bad captions)
+     "shards": [{"index", "first_record", "num_records", "samples", "skipped", "skip_examples", "dropped",
                  "files": [{"name", "size", "sha256"}]}],
      "skip_check": {"fraction", "max", "passed"}}
 """
@@ -107,108 +111,6 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-# ---- input readers --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BadRecord:
-    """An input record that could not be parsed; the converter counts it as skip reason ``bad_record``."""
-
-    where: str
-    error: str
-
-
-def _decode(raw: bytes) -> str:
-    """UTF-8 with surrogateescape: invalid bytes survive as lone surrogates, so the converter can
-    count a non-UTF-8 field as its own skip reason instead of losing the whole record."""
-    return raw.decode("utf-8", "surrogateescape")
-
-
-def is_valid_utf8(text: str) -> bool:
-    """False for text carrying lone surrogates (invalid bytes read by this module, or JSON escapes)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict | BadRecord]]:
-    """Yields (``file:line`` source id, object or BadRecord); blank lines are not records."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{path.name}:{lineno}"
-            try:
-                obj = json.loads(_decode(raw))
-            except json.JSONDecodeError as e:
-                yield where, BadRecord(f"{path}:{lineno}", f"invalid JSON: {e}")
-                continue
-            if not isinstance(obj, dict):
-                yield (
-                    where,
-                    BadRecord(f"{path}:{lineno}", f"expected a JSON object, got {type(obj).__name__}"),
-                )
-                continue
-            yield where, obj
-
-
-def read_tsv(path: str | Path) -> Iterator[tuple[str, dict | BadRecord]]:
-    """Tab-separated with a header row naming the fields; quoting is not interpreted."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        header = _decode(f.readline()).rstrip("\r\n").split("\t")
-        if not header or header == [""]:
-            raise ValueError(f"{path}: empty TSV, expected a header row naming the fields")
-        for lineno, raw in enumerate(f, 2):
-            line = _decode(raw).rstrip("\r\n")
-            if not line.strip():
-                continue
-            where = f"{path.name}:{lineno}"
-            values = line.split("\t")
-            if len(values) != len(header):
-                yield where, BadRecord(f"{path}:{lineno}", f"{len(values)} fields, header has {len(header)}")
-                continue
-            yield where, dict(zip(header, values))
-
-
-def read_parquet(path: str | Path, columns: Sequence[str] | None = None) -> Iterator[tuple[str, dict]]:
-    """Rows of a Parquet file; binary columns are decoded like the text readers (surrogateescape)."""
-    import pyarrow.parquet as pq
-
-    path = Path(path)
-    row = 0
-    for batch in pq.ParquetFile(path).iter_batches(columns=list(columns) if columns else None):
-        for record in batch.to_pylist():
-            yield (
-                f"{path.name}:{row}",
-                {k: _decode(v) if isinstance(v, bytes) else v for k, v in record.items()},
-            )
-            row += 1
-
-
-def read_records(paths: Sequence[str | Path], columns: Sequence[str] | None = None) -> Iterator[tuple[str, Any]]:
-    """All records of several input files in order, read by extension (.jsonl, .tsv, .parquet).
-
-    Source ids are ``basename:line``, so input basenames must be unique."""
-    names = [Path(p).name for p in paths]
-    dup = [n for n, c in Counter(names).items() if c > 1]
-    if dup:
-        raise ValueError(f"input file names must be unique (they form the sample ids): {dup}")
-    for p in paths:
-        suffix = Path(p).suffix.lower()
-        if suffix in (".jsonl", ".json", ".ndjson"):
-            yield from read_jsonl(p)
-        elif suffix in (".tsv", ".tab"):
-            yield from read_tsv(p)
-        elif suffix == ".parquet":
-            yield from read_parquet(p, columns)
-        else:
-            raise ValueError(f"{p}: unknown input format {suffix!r}; expected .jsonl, .tsv or .parquet")
 
 
 # ---- worker pool ----------------------------------------------------------------------------------
@@ -277,6 +179,11 @@ def add_common_args(parser: argparse.ArgumentParser, default_shard_size: int = 1
         help="exit non-zero (after writing the manifest) if more of the inputs are skipped",
     )
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard this machine's earlier output in --output when it was made with other settings",
+    )
 
 
 def check_common_args(args: argparse.Namespace) -> None:
@@ -299,6 +206,7 @@ class ShardResult:
     samples: int
     skipped: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first few "where: why"
+    dropped: Counter = field(default_factory=Counter)  # parts of kept samples left out (captions), by reason
 
     def skip(self, reason: str, where: str) -> None:
         self.skipped[reason] += 1
@@ -312,7 +220,7 @@ class ShardTask:
     """One output shard to produce: its records and where to write its files."""
 
     index: int
-    first_record: int
+    first_record: int | None  # None where shards are input units (tars), not record ranges
     records: list[tuple[int, Any]]
     output_dir: Path
     name: str
@@ -323,6 +231,31 @@ class ShardTask:
 
     def final_path(self, suffix: str) -> Path:
         return self.output_dir / f"{self.name}{suffix}"
+
+
+@dataclass(frozen=True)
+class ShardInput:
+    """The input records of one output shard, read only when this machine converts it."""
+
+    first_record: int | None
+    load: Callable[[], list[Any]]
+
+
+def fixed_size_shards(records: Iterable[Any], size: int) -> Iterator[ShardInput]:
+    """Shard k = records [k * size, (k + 1) * size) of one stream (read in full by every machine, to count)."""
+    it = iter(records)
+    for k in itertools.count():
+        block = list(itertools.islice(it, size))
+        if not block:
+            return
+        yield ShardInput(k * size, lambda block=block: block)
+
+
+def fixed_size_rows(total: int | None, size: int) -> list[int] | None:
+    """The records of each fixed-size shard of `total` records (None when the total is not known)."""
+    if total is None:
+        return None
+    return [min(size, total - start) for start in range(0, total, size)]
 
 
 def shard_name(index: int) -> str:
@@ -389,15 +322,16 @@ class ShardedRun:
         self.output_dir = Path(args.output)
         self.manifest_path = self.output_dir / manifest_name(args.num_shards, args.shard_index)
         # settings that change how records become bytes must match on resume; these need not
-        volatile = {"workers", "max_skip_fraction", "no_progress", "output", *resume_ignore}
+        volatile = {"workers", "max_skip_fraction", "no_progress", "output", "overwrite", *resume_ignore}
         self.identity_args = {k: _jsonable(v) for k, v in sorted(vars(args).items()) if k not in volatile}
 
     def _manifest(self, shards: dict[int, dict], complete: bool) -> dict:
         ordered = [shards[k] for k in sorted(shards)]
-        skipped = Counter()
+        skipped, dropped = Counter(), Counter()
         examples: dict[str, list[str]] = {}
         for s in ordered:
             skipped.update(s["skipped"])
+            dropped.update(s.get("dropped", {}))
             for reason, found in s.get("skip_examples", {}).items():
                 kept = examples.setdefault(reason, [])
                 kept.extend(found[: EXAMPLES_PER_REASON - len(kept)])
@@ -415,6 +349,7 @@ class ShardedRun:
             "samples_written": sum(s["samples"] for s in ordered),
             "skipped": dict(sorted(skipped.items())),
             "skip_examples": dict(sorted(examples.items())),
+            "dropped": dict(sorted(dropped.items())),
             "shards": ordered,
             "skip_check": {
                 "fraction": fraction,
@@ -446,10 +381,14 @@ class ShardedRun:
             or old.get("fingerprints") != self.fingerprints
         ):
             changed = sorted(k for k in self.identity_args if old_identity.get(k) != self.identity_args[k])
-            raise SystemExit(
-                f"{self.manifest_path}: an earlier run with different settings wrote this output "
-                f"(changed: {changed or 'kind/fingerprints'}); use a new --output or delete it"
-            )
+            if not self.args.overwrite:
+                raise SystemExit(
+                    f"{self.manifest_path}: an earlier run with different settings wrote this output "
+                    f"(changed: {changed or 'kind/fingerprints'}); pass --overwrite to replace it, or use a new "
+                    "--output"
+                )
+            self._discard(old)
+            return {}
         finished = {}
         for s in old.get("shards", []):
             # size, not sha256: a resume must not re-read terabytes; readers can verify checksums
@@ -460,6 +399,16 @@ class ShardedRun:
             if ok:
                 finished[s["index"]] = s
         return finished
+
+    def _discard(self, old: dict) -> None:
+        """--overwrite: delete the files an earlier run of this machine recorded, then its manifest."""
+        for shard in old.get("shards", []):
+            for entry in shard.get("files", []):
+                (self.output_dir / entry["name"]).unlink(missing_ok=True)
+        for entry in old.get("merged", {}).get("files", []):
+            (self.output_dir / entry["name"]).unlink(missing_ok=True)
+        self.manifest_path.unlink()
+        print(f"[{self.kind}] --overwrite: removed the earlier output of {self.manifest_path}", file=sys.stderr)
 
     def _commit(self, task: ShardTask, result: ShardResult) -> dict:
         files = []
@@ -478,6 +427,7 @@ class ShardedRun:
             "samples": result.samples,
             "skipped": dict(sorted(result.skipped.items())),
             "skip_examples": dict(sorted(result.examples.items())),
+            "dropped": dict(sorted(result.dropped.items())),
             "files": files,
         }
 
@@ -490,40 +440,52 @@ class ShardedRun:
             for where in found[: max(0, EXAMPLES_PER_REASON - shown[reason])]:
                 tqdm.write(f"[{self.kind}] skipped ({reason}) {where}", file=sys.stderr)
 
-    def run(self, records: Iterable[Any], convert: Callable[[ShardTask], ShardResult]) -> int:
+    def run(
+        self,
+        inputs: Iterable[ShardInput],
+        convert: Callable[[ShardTask], ShardResult],
+        shard_rows: Sequence[int] | None = None,
+    ) -> int:
+        """Convert this machine's shards of `inputs` (shard k = the k-th ShardInput); ``shard_rows``: the input
+        records of every shard where known up front, for the progress bar's total and ETA."""
         with output_lock(self.args):
-            return self._run(records, convert)
+            return self._run(inputs, convert, shard_rows)
 
-    def _run(self, records: Iterable[Any], convert: Callable[[ShardTask], ShardResult]) -> int:
-        size, n, me = self.args.shard_size, self.args.num_shards, self.args.shard_index
+    def _run(
+        self,
+        inputs: Iterable[ShardInput],
+        convert: Callable[[ShardTask], ShardResult],
+        shard_rows: Sequence[int] | None,
+    ) -> int:
+        n, me = self.args.num_shards, self.args.shard_index
         self._remove_stale_temporaries()
         shards = self._load_finished()
         bar = tqdm(
-            unit=" samples",
+            total=sum(r for k, r in enumerate(shard_rows) if k % n == me) if shard_rows is not None else None,
+            unit=" records",
             disable=self.args.no_progress,
             desc=f"{self.kind} -> {self.output_dir}",
             dynamic_ncols=True,
         )
         start, written = time.time(), 0
-        it = iter(records)
-        for k in itertools.count():
-            block = list(itertools.islice(it, size))
-            if not block:
-                break
+        for k, shard in enumerate(inputs):
             if k % n != me:
                 continue
             if k in shards:
-                bar.update(shards[k]["samples"])
+                bar.update(shards[k]["num_records"])
                 continue
+            records = shard.load()
+            first = shard.first_record or 0
             task = ShardTask(
                 k,
-                k * size,
-                list(enumerate(block, k * size)),
+                shard.first_record,
+                list(enumerate(records, first)),
                 self.output_dir,
                 shard_name(k),
                 progress=bar.update,
             )
             result = convert(task)
+            bar.update(len(records) - result.samples)  # convert advanced the bar by the samples it wrote
             self._report_skips(result, shards)
             shards[k] = self._commit(task, result)
             atomic_write_json(self.manifest_path, self._manifest(shards, complete=False))
@@ -561,7 +523,7 @@ def _jsonable(value: Any) -> Any:
 
 __all__ = [
     "EXIT_TOO_MANY_SKIPS",
-    "BadRecord",
+    "ShardInput",
     "ShardResult",
     "ShardTask",
     "ShardedRun",
@@ -570,13 +532,10 @@ __all__ = [
     "atomic_write_json",
     "check_common_args",
     "file_sha256",
-    "is_valid_utf8",
+    "fixed_size_rows",
+    "fixed_size_shards",
     "manifest_name",
     "output_lock",
-    "read_jsonl",
-    "read_parquet",
-    "read_records",
-    "read_tsv",
     "shard_name",
     "worker_pool",
 ]

@@ -29,6 +29,7 @@ def _encoded(fmt: str, size: tuple[int, int] = (40, 30)) -> bytes:
     return buffer.getvalue()
 
 
+GOOD_CAPTION = "a dog runs on the grass"
 SEEDS = {"good.jpg": _encoded("JPEG"), "good.png": _encoded("PNG"), "good.gif": _encoded("GIF")}
 
 
@@ -81,6 +82,15 @@ def _records(raw: bytes) -> int:
     return sum(1 for line in raw.split(b"\n") if line.strip())
 
 
+def _usable(line: bytes) -> bool:
+    """A line the converter must store: an existing image with a caption of more than 3 words."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(record, dict) and record.get("image") in SEEDS and record.get("caption") == GOOD_CAPTION
+
+
 @st.composite
 def caption_file(draw) -> tuple[bytes, dict[str, bytes]]:
     """JSONL bytes of valid, mutated and garbage lines, plus the image files they name."""
@@ -89,7 +99,7 @@ def caption_file(draw) -> tuple[bytes, dict[str, bytes]]:
     for i in range(draw(st.integers(0, 8))):
         kind = draw(st.sampled_from(["good", "mutated_line", "garbage", "bad_image", "odd_fields"]))
         image = draw(st.sampled_from([*sorted(SEEDS), "missing.jpg"]))
-        caption = draw(st.sampled_from(["a dog runs on the grass", "red car", "", "  "]))
+        caption = draw(st.sampled_from([GOOD_CAPTION, "red car", "", "  "]))
         if kind == "bad_image":
             image = f"fuzz{i}.img"
             files[image] = draw(image_bytes)
@@ -119,7 +129,12 @@ def test_pairs_converter_survives_fuzzed_inputs_and_counts_every_record(tokenize
         args = ["--input", str(root / "pairs.jsonl"), "--image-root", str(root), "--output", str(out)]
         args += ["--tokenizer", str(tokenizer), "--codebook", CODEBOOK, "--image-size", "32", "--shard-size", "4"]
         args += ["--workers", "0", "--no-progress", "--max-skip-fraction", "1", "--max-pixels", str(512 * 512)]
-        assert pairs.main(args) == 0
+        try:
+            assert pairs.main(args) == 0
+        except SystemExit as refused:  # the start-up probe: no readable record with an existing image
+            assert refused.code == 2 and not (out / "manifest.json").exists()
+            assert not any(_usable(line) for line in raw.split(b"\n"))
+            return
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["inputs_seen"] == _records(raw)
         assert manifest["samples_written"] + sum(manifest["skipped"].values()) == manifest["inputs_seen"]

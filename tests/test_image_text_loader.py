@@ -196,7 +196,7 @@ def test_mlm_labels_mark_exactly_the_masked_tokens(shards: Path, tokenizer: Toke
 
 
 def test_itm_negatives_take_another_samples_caption(shards: Path, tokenizer: Tokenizer):
-    captions = [tuple(ArrowShards(shards).row(i, ["input_ids"])["input_ids"].tolist()) for i in range(24)]
+    captions = [tuple(ArrowShards(shards).row(i, ["input_ids"])["input_ids"][0].tolist()) for i in range(24)]
     always = dataset(shards, tokenizer, itm_negative_prob=1.0)
     never = dataset(shards, tokenizer, itm_negative_prob=0.0)
     for i in range(24):

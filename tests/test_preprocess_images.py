@@ -36,7 +36,7 @@ from tests.data_fixtures import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-PAIR_COLUMNS = ["id", "image", "codebook_tokens", "codebook_tokens_flipped", "input_ids", "caption"]
+PAIR_COLUMNS = ["id", "image", "codebook_tokens", "codebook_tokens_flipped", "captions", "input_ids"]
 N_PAIRS = 20
 
 
@@ -76,13 +76,13 @@ def test_plain_pyarrow_reads_the_documented_columns(corpus: Path, single_run: Pa
     assert table.column_names == PAIR_COLUMNS
     assert table.num_rows == N_PAIRS
     assert table.schema.field("codebook_tokens").type == pa.list_(pa.uint16(), 25)
-    assert table.schema.field("input_ids").type.value_type == pa.int32()
+    assert table.schema.field("input_ids").type.value_type.value_type == pa.int32()
     assert table.column("id").to_pylist() == [f"pairs.jsonl:{i}" for i in range(1, N_PAIRS + 1)]
     source = [json.loads(line) for line in (corpus / "pairs.jsonl").read_text().splitlines()]
     tokenizer = Tokenizer.from_file(corpus / "tokenizer.json")
     for row, src in zip(table.to_pylist(), source):
-        assert row["caption"] == src["caption"]
-        assert row["input_ids"] == tokenizer.encode(src["caption"], 77)
+        assert row["captions"] == [src["caption"]]
+        assert row["input_ids"] == [tokenizer.encode(src["caption"], 77)]
         stored = Image.open(io.BytesIO(row["image"]))
         assert stored.format == "JPEG" and stored.size == (80, 80)
         # independent short-side resize + centre crop of the original: closer than any other crop or mirror
@@ -210,7 +210,7 @@ def test_parquet_input_with_configured_fields(corpus: Path):
     assert pairs.main(pairs_args(corpus, out, *fields, inputs=("pairs.parquet",))) == 0
     stored = read_table(out)
     assert stored.column("id").to_pylist() == [f"k{i}" for i in range(5)]
-    assert stored.column("caption").to_pylist() == [r["caption"] for r in source]
+    assert stored.column("captions").to_pylist() == [[r["caption"]] for r in source]
 
 
 def test_resuming_with_different_settings_is_refused(corpus: Path, single_run: Path):
@@ -249,7 +249,7 @@ def test_english_only_counts_other_languages(corpus: Path, monkeypatch):
     assert 0 < french < len(source)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["skipped"] == {"not_english": french}
-    assert read_table(out).column("caption").to_pylist() == [c for c in source if "river" not in c]
+    assert read_table(out).column("captions").to_pylist() == [[c] for c in source if "river" not in c]
 
 
 def test_image_size_must_be_a_multiple_of_16(corpus: Path):

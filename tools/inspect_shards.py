@@ -55,9 +55,9 @@ def describe(row: dict, tokenizer: Tokenizer | None) -> str:
     ]
     if "label" in row:
         parts.append(f"label={row['label']}")
-    if "caption" in row:
-        parts.append(f"caption={row['caption']!r}")
-        ids = row["input_ids"].tolist()
+    for n, caption in enumerate(row.get("captions", [])):
+        ids = row["input_ids"][n].tolist()
+        parts.append(f"caption {n}={caption!r}")
         parts.append(f"input_ids({len(ids)})={ids[:24]}{' ...' if len(ids) > 24 else ''}")
         if tokenizer is not None:
             parts.append(f"decoded={tokenizer.decode(ids)!r}")
@@ -80,7 +80,7 @@ def contact_sheet(shards: ArrowShards, indices: list[int], seed: int) -> Image.I
         pixels[shade] //= 4
         x, y = (n % cols) * (size + 8) + 4, (n // cols) * (size + text_h + 8) + 4
         sheet.paste(Image.fromarray(pixels), (x, y))
-        text = row.get("caption", f"label {row.get('label')}")
+        text = row["captions"][0] if "captions" in row else f"label {row.get('label')}"
         wrapped = textwrap.wrap(f"{row['id']}: {text}", width=max(12, size // 6))[:5]
         draw.multiline_text((x, y + size + 2), "\n".join(wrapped), fill="black")
     return sheet

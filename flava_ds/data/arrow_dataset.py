@@ -146,7 +146,8 @@ class ArrowShards:
         return self._readers[file_index]
 
     def row(self, index: int, columns: Sequence[str] | None = None) -> dict[str, Any]:
-        """One row: bytes for binary, str for strings, numpy arrays (zero-copy) for token lists."""
+        """One row: bytes for binary, str for strings, numpy arrays (zero-copy) for token lists, a list of them
+        for a list of token lists (``input_ids`` of image-text shards: one per caption)."""
         if not 0 <= index < len(self):
             raise IndexError(f"row {index} out of range for {len(self)} rows in {self.directory}")
         file_index = bisect.bisect_right(self._starts, index) - 1
@@ -158,19 +159,28 @@ class ArrowShards:
         return {name: _value(batch.column(name), r) for name in (columns or self.column_names)}
 
 
-LENGTH_LIMITED = "input_ids"  # the list column cut to the manifest's --max-length by preprocess/pairs.py
+LENGTH_LIMITED = "input_ids"  # the token lists cut to the manifest's --max-length by preprocess/pairs.py
 
 
 def check_batches(path: Path, reader: pa.ipc.RecordBatchFileReader, max_length: int | None) -> int:
     """The file's row count, after checking every record batch's structure and variable-length offsets.
 
-    Offsets must start at >= 0, never decrease and end within the values they index; caption token lists
-    must be at most `max_length` (the manifest's ``--max-length``; None for shards that do not record it)."""
-    plan = [
-        (i, field.name, dtype, max_length if field.name == LENGTH_LIMITED else None)
-        for i, field in enumerate(reader.schema)
-        if (dtype := _offset_dtype(field.type)) is not None
-    ]
+    Offsets must start at >= 0, never decrease and end within the values they index, at every nesting level
+    (captions -> token lists); caption token lists must be at most `max_length` (the manifest's ``--max-length``;
+    None for shards that do not record it)."""
+    plan = []
+    for i, field in enumerate(reader.schema):
+        kind, depth = field.type, 0
+        while (dtype := _offset_dtype(kind)) is not None:
+            innermost = (
+                not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or _offset_dtype(kind.value_type) is None
+            )
+            plan.append(
+                (i, field.name, depth, dtype, max_length if field.name == LENGTH_LIMITED and innermost else None)
+            )
+            if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+                break
+            kind, depth = kind.value_type, depth + 1
     rows = 0
     for b in range(reader.num_record_batches):
         try:
@@ -178,11 +188,15 @@ def check_batches(path: Path, reader: pa.ipc.RecordBatchFileReader, max_length: 
             batch.validate()  # buffer sizes; not the offsets' values, which a full validation scans slowly
         except (pa.ArrowInvalid, OSError) as e:
             raise ShardError(f"{path}: record batch {b} is damaged: {e}") from None
-        for i, name, dtype, limit in plan:
-            bad = _bad_offset(batch.column(i), dtype, limit)
+        for i, name, depth, dtype, limit in plan:
+            column = batch.column(i)
+            for _ in range(depth):
+                column = column.values
+            bad = _bad_offset(column, dtype, limit)
             if bad is not None:
+                where = f"row {rows + bad[0]}" if depth == 0 else f"nested entry {bad[0]}"
                 raise ShardError(
-                    f"{path}: column {name!r} row {rows + bad[0]}: {bad[1]} (a damaged shard: re-convert it "
+                    f"{path}: column {name!r} {where}: {bad[1]} (a damaged shard: re-convert it "
                     "or restore it from a copy)"
                 )
         rows += batch.num_rows
@@ -225,5 +239,11 @@ def _value(column: pa.Array, r: int) -> Any:
         size = column.type.list_size
         return column.flatten().to_numpy()[r * size : (r + 1) * size]
     if pa.types.is_list(column.type):
-        return column[r].values.to_numpy()
+        values = column[r].values
+        if pa.types.is_list(values.type):  # one token list per caption
+            offsets = values.offsets.to_numpy()
+            flat = values.values.to_numpy()
+            return [flat[offsets[j] : offsets[j + 1]] for j in range(len(values))]
+        if pa.types.is_integer(values.type):
+            return values.to_numpy()
     return column[r].as_py()

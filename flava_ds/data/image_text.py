@@ -233,6 +233,15 @@ class ImageTextDataset(ImageDataset):
         self.mlm_prob = mlm_prob
         self.whole_word = whole_word
 
+    def captions(self, index: int) -> list[np.ndarray]:
+        """The token ids of every caption of sample `index` (int64, checked against the vocabulary)."""
+        ids = self.shards.row(index, ("input_ids",))["input_ids"]
+        captions = ids if isinstance(ids, list) else [ids]  # shards of format 1 hold one caption per image
+        where = self.shards.location(index)
+        for caption in captions:
+            check_ids(caption, self.tokenizer.vocab_size, "caption token id", where)
+        return [caption.astype(np.int64) for caption in captions]
+
     def __getitem__(self, key: SampleKey | int) -> dict[str, Any]:
         key = self._key(key)
         rng = self.rng(key)
@@ -241,8 +250,9 @@ class ImageTextDataset(ImageDataset):
         if rng.random() < self.itm_negative_prob:
             other = int(rng.integers(0, len(self) - 1))
             caption_index, matched = other + (other >= key.index), 0
-        ids = self.shards.row(caption_index, ("input_ids",))["input_ids"].astype(np.int64)
-        check_ids(ids, self.tokenizer.vocab_size, "caption token id", self.shards.location(caption_index))
+        captions = self.captions(caption_index)
+        # one caption per (sample, epoch); a single-caption sample draws nothing, so its stream is unchanged
+        ids = captions[int(rng.integers(len(captions)))] if len(captions) > 1 else captions[0]
         return {**sample, "input_ids": ids, "itm_labels": torch.tensor(matched), "key": key}
 
     def collator(self) -> ImageTextCollator:

@@ -87,17 +87,13 @@ class FlavaCodebook(nn.Module):
         c = config
         num_layers = c.num_groups * c.num_blocks_per_group
         widths = [c.hidden_size * 2**i for i in range(c.num_groups)]
-        blocks: OrderedDict[str, nn.Module] = OrderedDict(
-            input=nn.Conv2d(c.input_channels, widths[0], 7, padding=3)
-        )
+        blocks: OrderedDict[str, nn.Module] = OrderedDict(input=nn.Conv2d(c.input_channels, widths[0], 7, padding=3))
         for g in range(c.num_groups):
             in_w = widths[max(g - 1, 0)]
             blocks[f"group_{g + 1}"] = _Group(
                 c.num_blocks_per_group, num_layers, in_w, widths[g], pool=g < c.num_groups - 1
             )
-        blocks["output"] = nn.Sequential(
-            OrderedDict(relu=nn.ReLU(), conv=nn.Conv2d(widths[-1], c.vocab_size, 1))
-        )
+        blocks["output"] = nn.Sequential(OrderedDict(relu=nn.ReLU(), conv=nn.Conv2d(widths[-1], c.vocab_size, 1)))
         self.blocks = nn.Sequential(blocks)
         self.requires_grad_(False)
         self.eval()

@@ -32,38 +32,60 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def recall_at_k(similarity: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[int, float]:
-    """similarity (N queries, N targets) with the match on the diagonal -> fraction with the match in the top k."""
-    ranks = (similarity > similarity.diagonal()[:, None]).sum(dim=1)  # how many targets beat the true one
-    return {k: float((ranks < k).float().mean()) for k in ks}
+def retrieval_recall(
+    similarity: torch.Tensor, owner: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, float]:
+    """COCO/Flickr retrieval recall from similarity (N images, T captions), ``owner[t]`` = the image of caption t.
+
+    Image -> text: an image hits at k when ANY of its captions is among the k nearest captions, i.e. when its
+    best caption is beaten by fewer than k captions. Text -> image: every caption is a query for its image."""
+    images = torch.arange(similarity.shape[0], device=similarity.device)
+    own = owner[None, :] == images[:, None]  # (N, T)
+    best_own = similarity.masked_fill(~own, float("-inf")).max(dim=1).values
+    image_ranks = (similarity > best_own[:, None]).sum(dim=1)
+    true = similarity[owner, torch.arange(similarity.shape[1], device=similarity.device)]
+    text_ranks = (similarity > true[None, :]).sum(dim=0)
+    metrics = {f"retrieval/image_to_text_R@{k}": float((image_ranks < k).float().mean()) for k in ks}
+    metrics.update({f"retrieval/text_to_image_R@{k}": float((text_ranks < k).float().mean()) for k in ks})
+    return metrics
+
+
+def _padded(captions: list[np.ndarray], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = [torch.from_numpy(c) for c in captions]
+    input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=pad_id).to(device)
+    lengths = torch.tensor([len(c) for c in captions], device=device)
+    attention_mask = (torch.arange(input_ids.shape[1], device=device)[None] < lengths[:, None]).long()
+    return input_ids, attention_mask
 
 
 @torch.no_grad()
 def image_text_metrics(
     model: FlavaForPreTraining, dataset: ImageTextDataset, count: int, batch_size: int, device: torch.device
 ) -> dict[str, float]:
-    """Retrieval over matched pairs (ITM negatives excluded) and ITM accuracy on the masked-free batch."""
-    image_emb, text_emb, correct, seen = [], [], 0, 0
-    collate = dataset.collator()
-    for batch in _batches(dataset, collate, count, batch_size):
+    """Retrieval of the first `count` images against ALL their captions (the COCO protocol), and ITM accuracy
+    on the dataset's samples (matched captions and negatives)."""
+    image_emb, correct, seen = [], 0, 0
+    for batch in _batches(dataset, dataset.collator(), count, batch_size):
         batch = _to(batch, device)
-        matched = batch["itm_labels"].bool()
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=batch["pixel_values"],
-            itm_labels=batch["itm_labels"],
-        )
-        image_emb.append(out.image_embedding[matched])
-        text_emb.append(out.text_embedding[matched])
-        if "itm" in out.logits:
+        image_emb.append(model.encode_image(batch["pixel_values"]))
+        if model.config.itm_weight > 0:
+            out = model(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"],
+                itm_labels=batch["itm_labels"],
+            )
             correct += int((out.logits["itm"].argmax(-1) == batch["itm_labels"]).sum())
             seen += batch["itm_labels"].numel()
-    images, texts = torch.cat(image_emb).float(), torch.cat(text_emb).float()
-    sim = images @ texts.t()
-    metrics = {f"retrieval/image_to_text_R@{k}": v for k, v in recall_at_k(sim).items()}
-    metrics.update({f"retrieval/text_to_image_R@{k}": v for k, v in recall_at_k(sim.t()).items()})
-    metrics["retrieval/chance_R@1"] = 1.0 / sim.shape[0]
+    captions = [(i, ids) for i in range(count) for ids in dataset.captions(i)]
+    text_emb = []
+    for start in range(0, len(captions), batch_size):
+        chunk = [ids for _, ids in captions[start : start + batch_size]]
+        text_emb.append(model.encode_text(*_padded(chunk, dataset.tokenizer.pad_id, device)))
+    owner = torch.tensor([i for i, _ in captions], device=device)
+    sim = torch.cat(image_emb).float() @ torch.cat(text_emb).float().t()
+    metrics = retrieval_recall(sim, owner)
+    metrics["retrieval/chance_R@1"] = 1.0 / count
     if seen:
         metrics["itm_accuracy"] = correct / seen
     return metrics
