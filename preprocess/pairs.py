@@ -301,6 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _language_classifier()
     try:
         blocks, shards, shard_rows = plan_inputs(args)
+        if args.format == "webdataset":  # a machine reads only its own tars, the probe included
+            blocks = blocks[args.shard_index :: args.num_shards] or blocks
         probe_inputs(blocks, args, args.format)
     except InputError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")

@@ -32,6 +32,7 @@ import io
 import itertools
 import json
 import lzma
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,7 @@ Record = tuple[str, "dict[str, Any] | BadRecord"]
 def _zstd_open(path: str) -> IO[bytes]:
     import zstandard
 
-    return zstandard.open(path, "rb")
+    return io.BufferedReader(zstandard.open(path, "rb"))  # the raw reader cannot iterate lines
 
 
 def describe_formats() -> str:
@@ -116,19 +117,16 @@ def open_input(path: str | Path) -> IO[bytes]:
     return COMPRESSIONS[compression](str(path)) if compression else open(path, "rb")
 
 
+COCO_KEYS = ("info", "licenses", "images", "annotations", "categories")
+
+
 def _is_coco(path: str) -> bool:
-    """A COCO annotation file starts with one JSON object holding ``images``/``annotations`` (not a JSON line)."""
+    """A COCO annotation file is one JSON object whose first key is one of COCO's top-level keys (it is often a
+    single line, so the first line alone cannot tell it from JSON lines; ``--format jsonl`` overrides)."""
     with open_input(path) as f:
-        head = f.read(1 << 16)
-    text = head.decode("utf-8", "replace").lstrip()
-    if not text.startswith("{"):
-        return False
-    first_line = text.split("\n", 1)[0]
-    try:
-        json.loads(first_line)
-        return False  # a whole object on the first line: JSON lines
-    except json.JSONDecodeError:
-        return '"images"' in text or '"annotations"' in text
+        head = f.read(4096).decode("utf-8", "replace")
+    match = re.match(r'\s*\{\s*"([^"]*)"', head)
+    return bool(match) and match.group(1) in COCO_KEYS
 
 
 def detect_format(paths: Sequence[str], forced: str | None = None) -> str:
@@ -444,9 +442,13 @@ def input_blocks(
                     )
                 )
         elif fmt == "hf":
-            blocks.append(Block(Path(path).name, lambda p=path: read_hf(p, columns or hf_dataset(p).column_names)))
-        elif fmt == "coco":
-            blocks.append(Block(Path(path).name, lambda p=path: read_coco(p)))
+            rows = hf_dataset(path).num_rows
+            blocks.append(
+                Block(Path(path).name, lambda p=path: read_hf(p, columns or hf_dataset(p).column_names), rows)
+            )
+        elif fmt == "coco":  # parsed once, up front: the whole file is one JSON document anyway
+            records = list(read_coco(path))
+            blocks.append(Block(Path(path).name, lambda r=records: iter(r), len(records)))
         elif fmt == "jsonl":
             blocks.append(Block(Path(path).name, lambda p=path: read_jsonl(p)))
         else:
@@ -487,12 +489,15 @@ __all__ = [
     "BadRecord",
     "Block",
     "InputError",
+    "check_columns",
     "class_label_names",
     "describe_formats",
     "detect_format",
     "expand_inputs",
     "first_records",
+    "hf_dataset",
     "input_blocks",
+    "is_valid_utf8",
     "open_input",
     "read_coco",
     "read_delimited",
@@ -501,4 +506,7 @@ __all__ = [
     "read_tar",
     "split_compression",
     "table_columns",
+    "table_files",
+    "table_rows_count",
+    "table_schema",
 ]

@@ -191,7 +191,9 @@ def test_a_caption_longer_than_the_manifest_max_length_is_refused_at_open(data, 
     manifest = json.loads(_manifest(damaged).read_text())
     manifest["args"]["max_length"] = 5
     _manifest(damaged).write_text(json.dumps(manifest))
-    with pytest.raises(ShardError, match=r"shard-000000\.arrow: column 'input_ids' row 0: \d+ entries, more than"):
+    with pytest.raises(
+        ShardError, match=r"shard-000000\.arrow: column 'input_ids' row 0 \(entry 0\): \d+ entries, more than"
+    ):
         ArrowShards(damaged)
 
 
@@ -219,7 +221,11 @@ def _tolerant_pairs(directory: Path, tokenizer: Path) -> TolerantDataset:
 
 
 def _set_values(column: pa.Array, row: int, value: int) -> pa.Array:
-    """`column` with the first value of `row` set to `value` (fixed-size or variable lists)."""
+    """`column` with the first value of `row` set to `value` (fixed-size or variable lists; in a list of token
+    lists, the first token of the row's first one)."""
+    if pa.types.is_list(column.values.type):
+        inner = _set_values(column.values, column.offsets[row].as_py(), value)
+        return pa.ListArray.from_arrays(column.offsets, inner)
     values = column.values.to_numpy().copy()
     start = row * column.type.list_size if pa.types.is_fixed_size_list(column.type) else column.offsets[row].as_py()
     values[start] = value

@@ -189,14 +189,20 @@ def check_batches(path: Path, reader: pa.ipc.RecordBatchFileReader, max_length: 
         except (pa.ArrowInvalid, OSError) as e:
             raise ShardError(f"{path}: record batch {b} is damaged: {e}") from None
         for i, name, depth, dtype, limit in plan:
-            column = batch.column(i)
+            levels = [batch.column(i)]
             for _ in range(depth):
-                column = column.values
-            bad = _bad_offset(column, dtype, limit)
+                levels.append(levels[-1].values)
+            bad = _bad_offset(levels[-1], dtype, limit)
             if bad is not None:
-                where = f"row {rows + bad[0]}" if depth == 0 else f"nested entry {bad[0]}"
+                entry, what = bad
+                where = []
+                for outer in reversed(levels[:-1]):  # the entry's position at each level up: its row last
+                    parent = int(np.searchsorted(outer.offsets.to_numpy(), entry, side="right")) - 1
+                    where.append(f"entry {entry - int(outer.offsets[parent].as_py())}")
+                    entry = parent
+                inside = f" ({', '.join(reversed(where))})" if where else ""
                 raise ShardError(
-                    f"{path}: column {name!r} {where}: {bad[1]} (a damaged shard: re-convert it "
+                    f"{path}: column {name!r} row {rows + entry}{inside}: {what} (a damaged shard: re-convert it "
                     "or restore it from a copy)"
                 )
         rows += batch.num_rows
