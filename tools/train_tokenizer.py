@@ -27,11 +27,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from flava_ds.data.tokenizer import BERT_SPECIALS
-from preprocess.text import expand_inputs, read_documents
+from preprocess.readers import expand_inputs
+from preprocess.text import check_inputs, read_documents
 
 
 def _texts(files: Sequence[str | Path], json_key: str, skipped: Counter) -> Iterator[str]:
-    for doc in read_documents([Path(f) for f in files], json_key):
+    for doc in read_documents(files, json_key):
         if doc.skip:
             skipped[doc.skip] += 1
         else:
@@ -105,14 +106,15 @@ def train_sentencepiece(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", nargs="+", required=True, help="JSONL or plain text files (globs allowed)")
+    parser.add_argument("--input", nargs="+", required=True, help="inputs as preprocess/text.py reads them")
     parser.add_argument("--type", choices=("wordpiece", "sentencepiece"), default="wordpiece")
     parser.add_argument("--vocab-size", type=int, default=30522)
     parser.add_argument("--output", required=True, help="tokenizer.json (wordpiece) or NAME.model (sentencepiece)")
-    parser.add_argument("--json-key", default="text", help="JSONL field holding the text")
+    parser.add_argument("--text-field", "--json-key", dest="json_key", default="text", help="field holding the text")
     args = parser.parse_args(argv)
     try:
         files = expand_inputs(args.input)
+        check_inputs(files, args.json_key)
     except ValueError as e:
         parser.error(str(e))
     train = train_wordpiece if args.type == "wordpiece" else train_sentencepiece
