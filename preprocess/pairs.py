@@ -33,14 +33,15 @@ Usage::
     python -m preprocess.pairs --input annotations/captions_train2017.json --image-root coco/train2017 ...
 
 Tars become one output shard each (a machine skips the others' tars unopened); other inputs are cut into
-``--shard-size`` records. Skipped samples are counted per reason in ``manifest.json`` (``preprocess/common.py``).
+``--shard-size`` records (of Parquet, a machine reads only the row groups of its own shards). Skipped samples
+are counted per reason in ``manifest.json`` (``preprocess/common.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,7 @@ from preprocess.readers import (
     first_records,
     input_blocks,
     is_valid_utf8,
+    row_range_shards,
     table_columns,
 )
 
@@ -261,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan_inputs(args: argparse.Namespace) -> tuple[list[Block], list[ShardInput] | Any, list[int] | None]:
+def plan_inputs(args: argparse.Namespace) -> tuple[list[Block], Iterable[ShardInput], list[int] | None]:
     """The input blocks, this run's shards over them and their record counts where known (InputError if the
     input cannot be read as asked). Fills in the per-format default fields."""
     paths = expand_inputs(args.input)
@@ -284,9 +286,11 @@ def plan_inputs(args: argparse.Namespace) -> tuple[list[Block], list[ShardInput]
     known = None if None in rows else rows
     if fmt == "webdataset":  # one shard per tar
         return blocks, [ShardInput(None, lambda b=b: list(b.read())) for b in blocks], known
-    records = (record for block in blocks for record in block.read())
     total = None if known is None else sum(known)
-    return blocks, fixed_size_shards(records, args.shard_size), fixed_size_rows(total, args.shard_size)
+    shards = row_range_shards(blocks, args.shard_size)  # Parquet: each machine reads only its own rows
+    if shards is None:
+        shards = fixed_size_shards((record for block in blocks for record in block.read()), args.shard_size)
+    return blocks, shards, fixed_size_rows(total, args.shard_size)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from preprocess.common import ShardInput
+
 FORMATS = ("webdataset", "parquet", "arrow", "hf", "coco", "jsonl", "csv", "tsv")
 COMPRESSIONS: dict[str, Callable[[str], IO[bytes]]] = {
     ".gz": gzip.open,
@@ -303,25 +305,39 @@ def check_columns(path: str, schema, columns: Sequence[str]) -> None:
         raise InputError(f"{path}: no column {missing[0]!r}; its columns are {schema.names}")
 
 
-def read_table(path: str, columns: Sequence[str], name: str | None = None) -> Iterator[Record]:
-    """(``<name>:<row>``, {column: value}) for every row of a Parquet or Arrow file; only ``columns`` are read.
-    ``name`` defaults to the file name (a directory input passes the path inside it)."""
+def read_table(
+    path: str, columns: Sequence[str], name: str | None = None, start: int = 0, stop: int | None = None
+) -> Iterator[Record]:
+    """(``<name>:<row>``, {column: value}) for rows [start, stop) of a Parquet or Arrow file; only ``columns`` are
+    read, and only the Parquet row groups holding those rows. ``name`` defaults to the file name (a directory
+    input passes the path inside it)."""
     import pyarrow.parquet as pq
 
     name = name or Path(path).name
+    first = 0  # the row the batches start at
     if path.lower().endswith(".parquet"):
         file = pq.ParquetFile(path)
         check_columns(path, file.schema_arrow, columns)
-        batches = file.iter_batches(batch_size=BATCH_ROWS, columns=list(columns))
+        bounds = [0]
+        for g in range(file.metadata.num_row_groups):
+            bounds.append(bounds[-1] + file.metadata.row_group(g).num_rows)
+        groups = [g for g in range(len(bounds) - 1) if bounds[g + 1] > start and (stop is None or bounds[g] < stop)]
+        first = bounds[groups[0]] if groups else 0
+        batches = file.iter_batches(batch_size=BATCH_ROWS, columns=list(columns), row_groups=groups)
     else:
         schema, batches, _ = _arrow_reader(path)
         check_columns(path, schema, columns)
         batches = (b.select(list(columns)) for b in batches)
-    row = 0
+    row = first
     for batch in batches:
-        for record in batch.to_pylist():
-            yield f"{name}:{row}", record
-            row += 1
+        if stop is not None and row >= stop:
+            return
+        skip = max(0, start - row)
+        for offset, record in enumerate(batch.slice(skip).to_pylist(), row + skip):
+            if stop is not None and offset >= stop:
+                return
+            yield f"{name}:{offset}", record
+        row += batch.num_rows
 
 
 def hf_dataset(path: str):
@@ -416,6 +432,7 @@ class Block:
     name: str
     read: Callable[[], Iterator[Record]]
     rows: int | None = None  # records, where known without reading (Parquet footers)
+    read_range: Callable[[int, int], Iterator[Record]] | None = None  # records [start, stop), reading no others
 
 
 def input_blocks(
@@ -434,11 +451,13 @@ def input_blocks(
                 raise InputError(f"{path}: no .{fmt} files")
             for f in files:
                 name = Path(f).relative_to(path).as_posix() if Path(path).is_dir() else Path(f).name
+                fields = columns or table_schema(f).names
                 blocks.append(
                     Block(
                         name,
-                        lambda f=f, n=name: read_table(f, columns or table_schema(f).names, n),
+                        lambda f=f, n=name, c=fields: read_table(f, c, n),
                         table_rows_count(f),
+                        lambda a, b, f=f, n=name, c=fields: read_table(f, c, n, a, b),
                     )
                 )
         elif fmt == "hf":
@@ -479,6 +498,25 @@ def table_columns(paths: Sequence[str], fmt: str) -> list[str] | None:
     return None
 
 
+def row_range_shards(blocks: Sequence[Block], size: int) -> list[ShardInput] | None:
+    """Shard k = records [k * size, (k + 1) * size) of the blocks in order, each read only when loaded (so a
+    machine reads only its own shards' rows), or None unless every block knows its rows and can read a range.
+    The records are exactly those of reading the blocks in order and cutting every `size`."""
+    if not blocks or any(b.rows is None or b.read_range is None for b in blocks):
+        return None
+    starts = list(itertools.accumulate((b.rows for b in blocks), initial=0))
+    shards = []
+    for first in range(0, starts[-1], size):
+        last = min(first + size, starts[-1])
+        pieces = [
+            (b, max(first, s) - s, min(last, s + b.rows) - s)
+            for b, s in zip(blocks, starts)
+            if s < last and s + b.rows > first
+        ]
+        shards.append(ShardInput(first, lambda pieces=pieces: [r for b, a, z in pieces for r in b.read_range(a, z)]))
+    return shards
+
+
 def first_records(blocks: Sequence[Block], count: int) -> list[Record]:
     """The first ``count`` records of the inputs (for the start-up probe; reads no further)."""
     return list(itertools.islice(itertools.chain.from_iterable(b.read() for b in blocks), count))
@@ -504,6 +542,7 @@ __all__ = [
     "read_jsonl",
     "read_table",
     "read_tar",
+    "row_range_shards",
     "split_compression",
     "table_columns",
     "table_files",

@@ -18,6 +18,7 @@ from PIL import Image
 
 from preprocess import pairs, text
 from preprocess.images import ImageSettings, SkipSample, load_square_image
+from preprocess.readers import InputError
 from tests.data_fixtures import CODEBOOK, make_tokenizer, random_image
 
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -181,6 +182,13 @@ def test_text_converter_survives_fuzzed_inputs_and_counts_every_document(tokeniz
         source.write_bytes(raw)
         out = root / "out"
         args = ["--input", str(source), "--tokenizer", str(tokenizer), "--output", str(out), "--shard-size", "4"]
+        try:
+            text.check_inputs([str(source)], "text")
+        except InputError:  # bytes that look like another format (magic numbers) or lack the field: refused
+            with pytest.raises(SystemExit, match="2"):
+                text.main([*args, "--workers", "0", "--no-progress", "--max-skip-fraction", "1"])
+            assert not (out / "manifest.json").exists()
+            return
         assert text.main([*args, "--workers", "0", "--no-progress", "--max-skip-fraction", "1"]) == 0
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["inputs_seen"] == _documents(suffix, raw)

@@ -345,3 +345,36 @@ def test_a_finished_output_refuses_other_settings_until_overwrite(root, tmp_path
     shards = ArrowShards(out)
     assert len(shards) == N and shards.args["max_length"] == 16
     assert sorted(p.name for p in out.glob("shard-*")) == ["shard-000000.arrow"]
+
+
+def test_parquet_shards_read_only_their_own_rows_and_equal_the_streamed_cut(tmp_path):
+    """Row-range shards (what a machine of a multi-machine run reads) hold exactly the records of reading every
+    file in order and cutting every --shard-size, across files and row groups."""
+    from preprocess.common import fixed_size_shards
+    from preprocess.readers import input_blocks, row_range_shards
+
+    paths = []
+    for n, rows in enumerate((7, 12, 4)):
+        path = tmp_path / f"part{n}.parquet"
+        pq.write_table(pa.table({"caption": [f"file {n} row {r}" for r in range(rows)]}), path, row_group_size=5)
+        paths.append(str(path))
+    blocks = input_blocks(paths, "parquet", ["caption"])
+    streamed = [r for b in blocks for r in b.read()]
+    assert len(streamed) == 23
+    for size in (1, 3, 5, 8, 30):
+        lazy = row_range_shards(blocks, size)
+        assert [s.first_record for s in lazy] == list(range(0, 23, size))
+        assert [s.load() for s in lazy] == [s.load() for s in fixed_size_shards(iter(streamed), size)]
+
+
+def test_two_machines_on_parquet_make_the_single_run(root, tmp_path):
+    _hf_dataset().to_parquet(str(tmp_path / "train.parquet"))
+    single, split = tmp_path / "single", tmp_path / "split"
+    assert convert(root, single, str(tmp_path / "train.parquet"), extra=("--shard-size", "5")) == 0
+    for node in ("0", "1"):
+        extra = ("--shard-size", "5", "--num-shards", "2", "--shard-index", node)
+        assert convert(root, split, str(tmp_path / "train.parquet"), extra=extra) == 0
+    names = sorted(p.name for p in single.glob("shard-*.arrow"))
+    assert names == sorted(p.name for p in split.glob("shard-*.arrow")) and len(names) == 3
+    for name in names:
+        assert (single / name).read_bytes() == (split / name).read_bytes()

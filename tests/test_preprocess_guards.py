@@ -205,8 +205,8 @@ def test_a_huge_caption_is_skipped_before_it_reaches_the_tokenizer(corpus: Path,
     assert manifest["skipped"] == {"caption_too_long": 1} and manifest["samples_written"] == 3
     assert manifest["skip_examples"]["caption_too_long"] == ["huge.jsonl:2: 9999999 bytes > --max-caption-bytes 16384"]
     assert len(encoded) == 3 and max(encoded) < 100
-    assert [r["caption"] for r in read_rows(out, ["caption"])] == [
-        r["caption"] for r in records if r["caption"] != huge
+    assert [r["captions"] for r in read_rows(out, ["captions"])] == [
+        [r["caption"]] for r in records if r["caption"] != huge
     ]
 
 
@@ -220,4 +220,4 @@ def test_the_caption_limit_counts_utf8_bytes(corpus: Path, tmp_path: Path):
     args = pairs_args(corpus, out, "--max-caption-bytes", "20", "--max-skip-fraction", "1", inputs=("utf8.jsonl",))
     assert pairs.main(args) == 0
     assert complete_manifest(out)["skipped"] == {"caption_too_long": 1}
-    assert [r["caption"] for r in read_rows(out, ["caption"])] == ["a dog runs on"]
+    assert [r["captions"] for r in read_rows(out, ["captions"])] == [["a dog runs on"]]
