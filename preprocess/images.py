@@ -830,8 +830,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if classes is not None:
                 atomic_write_json(Path(args.output) / "classes.json", classes)
             return rc
-    except InputError as e:
-        raise SystemExit(str(e)) from None
+    except InputError as e:  # one line, exit code 2 (a usage error), like the other converters
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from flava_ds.data.text_dataset import IndexedDatasetBuilder
 from flava_ds.data.tokenizer import Tokenizer
 from preprocess.common import (
     TMP_PREFIX,
@@ -308,6 +307,8 @@ def _convert_shard(task: ShardTask, pool: Any, dtype: type[np.number], log: Skip
             log.skip(doc, doc.skip, skipped)
         else:
             docs.append(doc)
+    from flava_ds.data.text_dataset import IndexedDatasetBuilder  # megatron-core: imported once inputs are checked
+
     builder = IndexedDatasetBuilder(str(task.tmp_path(".bin")), dtype=dtype)
     written = 0
     chunks = [docs[i : i + TOKENIZE_CHUNK] for i in range(0, len(docs), TOKENIZE_CHUNK)]
@@ -332,6 +333,8 @@ def merge_shards(output: Path, manifest_file: str, prefix_name: str, dtype: type
     manifest_path = output / manifest_file
     manifest = json.loads(manifest_path.read_text())
     tmp_prefix = output / f"{TMP_PREFIX}{prefix_name}"
+    from flava_ds.data.text_dataset import IndexedDatasetBuilder
+
     builder = IndexedDatasetBuilder(f"{tmp_prefix}.bin", dtype=dtype)
     # add_index runs gc.collect() per shard, which costs ~0.3 s with torch loaded; frozen objects are skipped.
     gc.freeze()

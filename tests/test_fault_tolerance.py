@@ -407,7 +407,7 @@ def _flip_byte(path: Path, offset: int) -> None:
 def test_damaged_files_are_refused_at_startup_naming_the_file(data, tmp_path):
     """Truncated shards fail on the manifest size; same-size corruption fails with data.verify_checksums; a
     `.bin`/`.idx` pair that disagrees (or an unreadable index) fails even without a manifest."""
-    from flava_ds.data import ShardError
+    from flava_ds.data.arrow_dataset import ShardError
 
     pairs, text = tmp_path / "pairs", tmp_path / "text"
     shutil.copytree(data["pairs"], pairs)
@@ -443,7 +443,7 @@ def test_damaged_files_are_refused_at_startup_naming_the_file(data, tmp_path):
 
 def _corrupt_images(source: Path, target: Path, rows: list[int]) -> None:
     """Copy a pair shard directory and break the JPEG header of `rows` in place (file sizes stay the same)."""
-    from flava_ds.data import ArrowShards
+    from flava_ds.data.arrow_dataset import ArrowShards
 
     shutil.copytree(source, target)
     shards = ArrowShards(target)

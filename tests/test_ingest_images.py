@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,15 @@ def image_files(tmp_path_factory) -> Path:
     return root
 
 
+def refused(capsys, pattern: str, run) -> None:
+    """`run` stops with exit code 2 and one error line matching `pattern` (a usage error, nothing converted)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        run()
+    assert stopped.value.code == 2
+    assert re.search(pattern, capsys.readouterr().err), pattern
+
+
 def test_save_to_disk_with_a_class_label_keeps_each_image_with_its_label(tmp_path: Path):
     """PIL images and a ClassLabel (incl. the -1 of an unlabelled row), read through a pool of 2 workers."""
     pictures = [coloured(label, i) for i, label in enumerate(LABELS)] + [coloured(0, 99)]
@@ -96,7 +106,7 @@ def test_save_to_disk_with_a_class_label_keeps_each_image_with_its_label(tmp_pat
 
 
 def test_parquet_of_image_paths_checks_the_image_root_first_then_converts(
-    image_files: Path, tmp_path: Path, monkeypatch
+    image_files: Path, tmp_path: Path, monkeypatch, capsys
 ):
     """datasets.to_parquet of file paths stores {bytes: None, path}: a wrong --image-root is an error before the
     codebook loads (a missing codebook would fail otherwise); the rerun with the right root converts, with the
@@ -109,8 +119,11 @@ def test_parquet_of_image_paths_checks_the_image_root_first_then_converts(
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     elsewhere.mkdir()
     missing_codebook = str(tmp_path / "no-codebook")
-    with pytest.raises(SystemExit, match=r"none of the first 10 image paths exists under the image root .*elsewhere"):
-        convert([table], out, "--image-root", str(elsewhere), codebook=missing_codebook)
+    refused(
+        capsys,
+        r"none of the first 10 image paths exists under the image root .*elsewhere",
+        lambda: convert([table], out, "--image-root", str(elsewhere), codebook=missing_codebook),
+    )
     assert not (out / "manifest.json").exists()
 
     rows_seen = []
@@ -171,8 +184,9 @@ def test_a_wrong_field_is_one_line_naming_the_columns_before_the_codebook_then_t
         text=True,
         timeout=120,
     )
-    assert wrong.returncode == 1
+    assert wrong.returncode == 2
     assert wrong.stderr.splitlines() == [
+        "python -m preprocess.images: error: "
         f"{raw_bytes_parquet}: no column 'labels'; its columns are ['key', 'picture', 'species'] (set --label-field)"
     ]
     assert not (out / "manifest.json").exists()
@@ -217,15 +231,18 @@ def test_class_names_make_classes_json_readable_and_disambiguate_duplicates(wnid
         }
 
 
-def test_a_class_the_names_file_lacks_is_an_error_naming_file_and_id(wnid_folders: Path, tmp_path: Path):
+def test_a_class_the_names_file_lacks_is_an_error_naming_file_and_id(wnid_folders: Path, tmp_path: Path, capsys):
     names = tmp_path / "names.tsv"
     names.write_text("n01440764\ttench\nn02012849\tcrane\n")
     missing_codebook = str(tmp_path / "no-codebook")
-    with pytest.raises(SystemExit, match=rf"--class-names {names}: no name for class 'n03126707'"):
-        convert([wnid_folders], tmp_path / "out", "--class-names", str(names), codebook=missing_codebook)
+    refused(
+        capsys,
+        rf"--class-names {names}: no name for class 'n03126707'",
+        lambda: convert([wnid_folders], tmp_path / "out", "--class-names", str(names), codebook=missing_codebook),
+    )
 
 
-def test_integer_list_labels_are_named_by_a_list(image_files: Path, tmp_path: Path):
+def test_integer_list_labels_are_named_by_a_list(image_files: Path, tmp_path: Path, capsys):
     """A `path label` list with integer labels: a JSON list names the classes by label; a label it does not
     reach is an error naming it."""
     (image_files / "val.txt").write_text("".join(f"img/{i}.png {label}\n" for i, label in enumerate(LABELS)))
@@ -236,5 +253,8 @@ def test_integer_list_labels_are_named_by_a_list(image_files: Path, tmp_path: Pa
     assert classes(out) == {"crane (0)": 0, "tench": 1, "crane (2)": 2}
     assert [r["label"] for r in stored(out)] == LABELS
     names.write_text(json.dumps(["crane", "tench"]))
-    with pytest.raises(SystemExit, match=rf"--class-names {names}: no name for class '2'"):
-        convert([image_files / "val.txt"], tmp_path / "out_short", "--class-names", str(names))
+    refused(
+        capsys,
+        rf"--class-names {names}: no name for class '2'",
+        lambda: convert([image_files / "val.txt"], tmp_path / "out_short", "--class-names", str(names)),
+    )
