@@ -44,14 +44,12 @@ import gc
 import json
 import os
 import sys
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from flava_ds.data.tokenizer import Tokenizer
 from preprocess.common import (
@@ -285,43 +283,31 @@ def _tokenize(texts: list[str]) -> list[np.ndarray]:
     return [np.asarray(ids, dtype=_worker["dtype"]) for ids in _worker["tokenizer"].encode_raw(texts)]
 
 
-class SkipLog:
-    """Counts skipped documents per reason and names the first few of each, so bad inputs can be found."""
-
-    def __init__(self, examples_per_reason: int = 3):
-        self.examples_per_reason = examples_per_reason
-        self.seen: Counter = Counter()
-
-    def skip(self, doc: Document, reason: str, counts: Counter) -> None:
-        counts[reason] += 1
-        self.seen[reason] += 1
-        if self.seen[reason] <= self.examples_per_reason:
-            tqdm.write(f"[text] skipped {doc.where}: {reason}", file=sys.stderr)
-
-
-def _convert_shard(task: ShardTask, pool: Any, dtype: type[np.number], log: SkipLog) -> ShardResult:
-    skipped: Counter = Counter()
+def _convert_shard(task: ShardTask, pool: Any, dtype: type[np.number]) -> ShardResult:
+    """Tokenize a shard's documents in the pool; skips are counted with their place (``file:line``), so the
+    manifest's ``skip_examples`` and the printed first few name them."""
+    result = ShardResult(samples=0)
     docs = []
     for _, doc in task.records:
         if doc.skip:
-            log.skip(doc, doc.skip, skipped)
+            result.skip(doc.skip, doc.where)
         else:
             docs.append(doc)
     from flava_ds.data.text_dataset import IndexedDatasetBuilder  # megatron-core: imported once inputs are checked
 
     builder = IndexedDatasetBuilder(str(task.tmp_path(".bin")), dtype=dtype)
-    written = 0
     chunks = [docs[i : i + TOKENIZE_CHUNK] for i in range(0, len(docs), TOKENIZE_CHUNK)]
     for chunk, token_ids in zip(chunks, pool.imap(_tokenize, [[d.text for d in c] for c in chunks])):
+        before = result.samples
         for doc, ids in zip(chunk, token_ids):
             if ids.size == 0:
-                log.skip(doc, NO_TOKENS, skipped)
+                result.skip(NO_TOKENS, doc.where)
                 continue
             builder.add_document(ids, [ids.size])
-            written += 1
-        task.progress(len(chunk))
+            result.samples += 1
+        task.progress(result.samples - before)  # the run adds the skipped records once the shard is done
     builder.finalize(str(task.tmp_path(".idx")))
-    return ShardResult(samples=written, skipped=skipped)
+    return result
 
 
 def merged_name(name: str, num_shards: int, shard_index: int) -> str:
@@ -408,11 +394,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             fingerprints={"tokenizer": tokenizer.fingerprint},
             file_suffixes=(".bin", ".idx"),
         )
-        log = SkipLog()
         with worker_pool(args.workers, _init_worker, (tokenizer,)) as pool:
             code = run.run(
                 fixed_size_shards(read_documents(inputs, args.text_field, args.doc_per_line), args.shard_size),
-                lambda task: _convert_shard(task, pool, dtype, log),
+                lambda task: _convert_shard(task, pool, dtype),
                 shard_rows=fixed_size_rows(total, args.shard_size),
             )
         if code:

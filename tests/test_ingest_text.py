@@ -105,8 +105,9 @@ def test_skips_in_a_compressed_file_are_counted_by_reason_and_named_by_line(corp
         f.write(b"\n".join(lines) + b"\n")
     assert run([source], tmp_path / "out", corpus["tokenizer"], "--workers", "0", "--max-skip-fraction", "1") == 0
     err = capsys.readouterr().err
-    assert "skipped hostile.jsonl.bz2:5: bad_record" in err and "skipped hostile.jsonl.bz2:6: not_utf8" in err
+    assert "skipped (bad_record) hostile.jsonl.bz2:5" in err and "skipped (not_utf8) hostile.jsonl.bz2:6" in err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["skip_examples"]["bad_record"] == ["hostile.jsonl.bz2:5"]
     assert manifest["inputs_seen"] == 8 and manifest["samples_written"] == 2
     assert manifest["skipped"] == {
         "bad_record": 1,

@@ -95,8 +95,9 @@ def test_hostile_input_is_counted_exactly(corpus, tmp_path, capsys):
     inputs = write_hostile(tmp_path)
     tokenizer = corpus["tokenizers"]["tokenizer.json"]
     assert run(inputs, tmp_path / "out", tokenizer, "--max-skip-fraction", "0.9") == 0
-    assert "skipped hostile.jsonl:8: not_utf8" in capsys.readouterr().err
+    assert "skipped (not_utf8) hostile.jsonl:8" in capsys.readouterr().err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert "hostile.jsonl:8" in manifest["skip_examples"]["not_utf8"]
     assert manifest["inputs_seen"] == 13
     assert manifest["samples_written"] == 4
     assert manifest["skipped"] == {
