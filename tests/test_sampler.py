@@ -17,6 +17,7 @@ from flava_ds.data.sampler import (
     BlendedDataset,
     BlendedIndex,
     DataPosition,
+    EpochOrder,
     ResumableDistributedSampler,
     SampleKey,
     TaskMixer,
@@ -26,6 +27,42 @@ from flava_ds.data.sampler import (
 
 def take(sampler: ResumableDistributedSampler, n: int) -> list[list[SampleKey]]:
     return list(itertools.islice(sampler, n))
+
+
+def test_an_epoch_order_visits_every_index_exactly_once_at_every_size():
+    for n in [*range(1, 5001), 10**6 + 3]:
+        order = EpochOrder(n, (3, 1), epoch=n % 7)[0:n]
+        assert order.size == n and np.array_equal(np.bincount(order, minlength=n), np.ones(n, np.int64)), n
+
+
+def test_an_epoch_order_is_shuffled_differently_per_seed_and_epoch():
+    n = 5000
+    first = EpochOrder(n, 0, 0)[0:n]
+    assert not np.array_equal(first, EpochOrder(n, 0, 1)[0:n]) and not np.array_equal(first, EpochOrder(n, 1, 0)[0:n])
+    # no structure left: consecutive positions land far apart, and any 500 positions spread over the range
+    assert np.median(np.abs(np.diff(first))) > n / 8
+    counts = np.bincount(first[1000:1500] * 10 // n, minlength=10)
+    assert counts.min() > 25 and counts.max() < 80  # 50 expected per tenth
+    np.testing.assert_array_equal(EpochOrder(n, 0, 0)[[4999, 0, 17]], first[[4999, 0, 17]])
+    np.testing.assert_array_equal(EpochOrder(n, 0, 0, shuffle=False)[0:n], np.arange(n))
+
+
+def test_the_first_batch_of_a_huge_stream_holds_no_per_sample_state():
+    """At 2e9 samples (LAION scale) a materialised permutation is 16 GB per stream per rank; the order is computed
+    per position instead, so building the sampler and drawing a batch mid-epoch allocates almost nothing."""
+    import tracemalloc
+
+    tracemalloc.start()
+    sampler = ResumableDistributedSampler(2 * 10**9, 256, dp_rank=5, dp_size=8, seed=1, consumed_samples=2048 * 10**5)
+    batch = next(iter(sampler))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(batch) == 256 and len({k.index for k in batch}) == 256
+    assert peak < 10 * 2**20, f"{peak / 2**20:.1f} MiB"
+    blend = ResumableDistributedSampler(
+        BlendedIndex([7 * 10**7, 2 * 10**9], [0.3, 0.7]), 64, consumed_samples=64 * 10**6
+    )
+    assert len({(k.dataset, k.index) for k in next(iter(blend))}) == 64
 
 
 def test_epochs_are_permutations_dropping_the_incomplete_global_batch():
