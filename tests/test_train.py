@@ -27,7 +27,16 @@ def data(tmp_path_factory):
 
 
 def _train(
-    data, tmp: Path, stage: int, steps: int, *extra: str, ds_name: str = "ds.json", stopped_early=False, **sections
+    data,
+    tmp: Path,
+    stage: int,
+    steps: int,
+    *extra: str,
+    ds_name: str = "ds.json",
+    stopped_early=False,
+    accum: int = 1,
+    env: dict | None = None,
+    **sections,
 ):
     tmp.mkdir(parents=True, exist_ok=True)
     metrics = tmp / "metrics.jsonl"
@@ -35,8 +44,10 @@ def _train(
     config = write_run_config(
         tmp / "run.yaml", data, logging={"metrics_file": str(metrics), "peak_tflops": 1.0}, **sections
     )
-    ds = write_ds_config(tmp / ds_name, stage)
-    result = launch(2, "--deepspeed_config", str(ds), "--config", str(config), "--train-steps", str(steps), *extra)
+    ds = write_ds_config(tmp / ds_name, stage, micro=2 // accum, accum=accum)
+    result = launch(
+        2, "--deepspeed_config", str(ds), "--config", str(config), "--train-steps", str(steps), *extra, env=env
+    )
     assert finished(result, 2, stopped_early), result.stdout[-4000:] + result.stderr[-4000:]
     return step_losses(metrics), result
 
@@ -49,6 +60,25 @@ def test_zero_stages_agree(data, tmp_path):
         for step, loss in runs[0].items():
             assert abs(runs[stage][step] - loss) < 1e-4, (stage, step, runs[stage][step], loss)
     assert len(set(round(v, 3) for v in runs[0].values())) == 5  # the steps really differ (mixed kinds, updates)
+
+
+def test_every_micro_step_of_an_optimizer_step_trains_the_same_batch_kind(data, tmp_path):
+    """Under accumulation a step is one batch kind (the paper's one dataset per iteration), drawn from (seed, step):
+    accumulation does not change which kinds a step mixes."""
+    import json
+
+    from flava_ds.data.sampler import TaskMixer
+    from flava_ds.train.config import DataSection
+
+    logs = tmp_path / "samples"
+    _train(data, tmp_path / "run", 1, 6, accum=2, env={"FLAVA_DS_SAMPLE_LOG": str(logs)})
+    mixer = TaskMixer({"image_text": 2.0, "image": 1.0, "text": 1.0}, seed=DataSection().seed)
+    expected = [mixer.task_for_step(s) for s in range(6)]
+    assert len(set(expected)) > 1
+    for rank in (0, 1):
+        records = [json.loads(line) for line in (logs / f"rank{rank}.jsonl").read_text().splitlines()]
+        assert [(r["step"], r["micro"]) for r in records] == [(s, m) for s in range(1, 7) for m in (0, 1)]
+        assert [r["task"] for r in records] == [task for task in expected for _ in (0, 1)]
 
 
 def test_exact_resume_and_tensorboard(data, tmp_path):

@@ -1,6 +1,6 @@
 """The training data of a run: one resumable stream per batch kind and the task mixer that picks between them.
 
-Micro-step m of the run trains the task `mixer.task_for_step(m)` on every rank; that stream's
+Optimizer step s of the run trains the task `mixer.task_for_step(s)` on every rank and micro-step; that stream's
 sampler hands this rank its share of the stream's next global batch (micro x data-parallel size)
 and moves on only when the trainer calls `advance(task)`. The whole position is
 `state_dict()`, saved in every checkpoint.
@@ -205,8 +205,9 @@ class TrainStreams:
         weights = stream.weights or [1.0] * len(datasets)
         return blended, blended.blend(weights, seed)
 
-    def task(self, micro_step: int) -> str:
-        return self.mixer.task_for_step(micro_step)
+    def task(self, step: int) -> str:
+        """The batch kind of optimizer step `step` (0-based), for all of its micro-steps."""
+        return self.mixer.task_for_step(step)
 
     def next_batch(self, task: str) -> dict[str, torch.Tensor]:
         start = time.perf_counter()

@@ -1,7 +1,8 @@
 """The training loop: DeepSpeed engine, mixed batch kinds, exact resume, non-finite guard, TensorBoard.
 
-One optimizer step = `gradient_accumulation_steps` micro-steps; micro-step m (counted over the whole
-run) trains task `streams.task(m)` on every rank. Per-step losses are averaged over the data-parallel
+One optimizer step = `gradient_accumulation_steps` micro-steps, all of one batch kind: step s trains task
+`streams.task(s)` on every rank and micro-step (the paper's "in each training iteration one dataset is chosen"),
+so accumulation does not change which kinds a step mixes. Per-step losses are averaged over the data-parallel
 group and written to the metrics file; every log interval TensorBoard gets each loss term per batch
 kind, lr, grad norm, logit scale, loss scale, throughput, TFLOP/s, MFU, data wait, memory, skipped
 updates and bad samples. What survives kills, signals, bad data and non-finite steps: docs/RELIABILITY.md.
@@ -260,9 +261,8 @@ class Trainer:
             raise IndexError(f"injected fault on rank {self.rank} at step {self.step + 1} (FLAVA_DS_INJECT_ERROR)")
         step_start, wait_start = time.perf_counter(), self.streams.wait_seconds
         losses, nonfinite = [], False
+        task = self.streams.task(self.step)
         for micro in range(self.accum):
-            micro_step = self.step * self.accum + micro
-            task = self.streams.task(micro_step)
             batch = self.streams.next_batch(task)
             self._bad_local += int(batch.pop(BAD_SAMPLES))
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
