@@ -1,6 +1,6 @@
 """Data pipeline throughput: offline preprocessing, and ONE loader worker vs. online image pipelines.
 
-    python tools/bench_data.py [--images 24] [--samples 256] [--online-dvae-samples 12]
+    python tools/bench_data.py [--images 24] [--samples 256] [--online-dvae-samples 12] [--only ingest]
 
 Generates photo-sized JPEG originals (500 x 375) and captions in a temporary directory, then measures:
 
@@ -9,7 +9,11 @@ Generates photo-sized JPEG originals (500 x 375) and captions in a temporary dir
 * loading, all in one process with one torch thread (what one DataLoader worker has):
   ours = ``ImageTextDataset`` + collator over the shards; (a) = decode the original, RandomResizedCrop
   to 224 + flip, 112 px codebook view through the dVAE online, same caption/mask/ITM work;
-  (b) = (a) without the dVAE. Prints samples/s (best of interleaved rounds) and the ratios ours/(a), ours/(b).
+  (b) = (a) without the dVAE. Prints samples/s (best of interleaved rounds) and the ratios ours/(a), ours/(b);
+* ingest (alone with ``--only ingest``): the same images as loose files + pairs.jsonl, as one webdataset tar
+  (``key.jpg`` + ``key.txt``) and as a Parquet of raw ``jpg`` bytes + ``caption``, each converted by
+  ``preprocess.pairs`` with one worker and the tiny random dVAE (so reading and decoding, not the dVAE, set the
+  rate), in interleaved rounds; prints images/s (best of rounds) and the ratios tar/loose, parquet/loose.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
@@ -38,6 +44,7 @@ from preprocess import pairs
 from preprocess.images import CodebookEncoder, ImageSettings, load_square_image
 
 REPO = Path(__file__).resolve().parents[1]
+INGEST_CODEBOOK = "random:0:tiny"  # the dVAE would otherwise be the whole cost on a CPU (section 5)
 WORDS = (
     "a man woman child dog cat sits stands runs on in near the red blue green old new small large "
     "street beach field table car bike boat house tree sky water park city window"
@@ -130,98 +137,171 @@ def time_loader(get, collate, size: int, samples: int, batch: int) -> float:
     return rate(samples, time.perf_counter() - start)
 
 
+def train_tokenizer(pairs_file: Path, output: Path) -> Path:
+    """A 400-token WordPiece vocabulary on the captions: enough for the converter and the collators."""
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "train_tokenizer.py"),
+            "--input",
+            str(pairs_file),
+            "--json-key",
+            "caption",
+            "--vocab-size",
+            "400",
+            "--output",
+            str(output),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return output
+
+
+def time_converter(inputs: list[str], output: Path, tokenizer: Path, codebook: str, args: argparse.Namespace) -> float:
+    """Seconds of one real `preprocess.pairs` run with one decode worker from `inputs` into the fresh `output`."""
+    start = time.perf_counter()
+    rc = pairs.main(
+        [
+            *inputs,
+            "--output",
+            str(output),
+            "--tokenizer",
+            str(tokenizer),
+            "--codebook",
+            codebook,
+            "--image-size",
+            str(args.image_size),
+            "--workers",
+            "1",
+            "--batch-size",
+            str(args.dvae_batch),
+            "--device",
+            args.device,
+            "--no-progress",
+        ]
+    )
+    seconds = time.perf_counter() - start
+    if rc != 0:
+        raise SystemExit(f"preprocessing {inputs} failed with exit code {rc}")
+    return seconds
+
+
+def measure_preprocessing(
+    work: Path, pairs_file: Path, records: list[dict], tokenizer: Path, args: argparse.Namespace
+) -> dict[str, float]:
+    """Decode per worker, batched dVAE and the converter end to end, all with the full-size codebook."""
+    results = {}
+    settings = ImageSettings(image_size=args.image_size)
+    start = time.perf_counter()
+    views = [load_square_image(work / r["image"], settings)[1] for r in records]
+    results["prep_decode_per_worker"] = rate(len(records), time.perf_counter() - start)
+    encoder = CodebookEncoder(args.codebook, args.device, args.dvae_batch)
+    batch = views[: args.dvae_batch * max(1, min(2, len(views) // args.dvae_batch))]
+    encoder.encode(views[:1])  # warm-up
+    start = time.perf_counter()
+    encoder.encode(batch)
+    results["prep_dvae_batched"] = rate(len(batch), time.perf_counter() - start)
+    loose = ["--input", str(pairs_file), "--image-root", str(work)]
+    seconds = time_converter(loose, work / "shards", tokenizer, args.codebook, args)
+    results["prep_end_to_end_1_worker"] = rate(len(records), seconds)
+    return results
+
+
+def measure_loading(
+    work: Path, records: list[dict], tokenizer: Tokenizer, args: argparse.Namespace
+) -> dict[str, float]:
+    """Ours over the shards in `work/shards` vs. the online baselines (a) and (b), one torch thread."""
+    results: dict[str, float] = {}
+    torch.set_num_threads(1)  # what a DataLoader worker gets
+    ours = ImageTextDataset(work / "shards", tokenizer, ImageAugment(args.crop))
+    online = OnlineBaseline(records, work, tokenizer, None, args.crop, seed=0)
+    # interleaved rounds, best of each: other load on the machine hits both pipelines alike
+    for _ in range(args.rounds):
+        for name, get, collate, size in (
+            ("load_ours", ours.__getitem__, ours.collator(), len(ours)),
+            ("load_b_online_no_dvae", online.__getitem__, online.collate, len(records)),
+        ):
+            results[name] = max(results.get(name, 0.0), time_loader(get, collate, size, args.samples, 32))
+    online.codebook = load_codebook(args.codebook)
+    results["load_a_online_dvae"] = time_loader(
+        online.__getitem__, online.collate, len(records), args.online_dvae_samples, args.online_dvae_samples
+    )
+    results["ratio_vs_a"] = results["load_ours"] / results["load_a_online_dvae"]
+    results["ratio_vs_b"] = results["load_ours"] / results["load_b_online_no_dvae"]
+    return results
+
+
+def write_ingest_inputs(work: Path, pairs_file: Path, records: list[dict]) -> dict[str, list[str]]:
+    """The loose originals again as an img2dataset-style tar and a raw-bytes Parquet; converter inputs per form."""
+    import webdataset as wds  # what img2dataset writes with; only this measurement needs it
+
+    images = [(work / r["image"]).read_bytes() for r in records]
+    captions = [r["caption"] for r in records]
+    tar = work / "ingest" / "00000.tar"
+    tar.parent.mkdir()
+    with wds.TarWriter(str(tar)) as sink:
+        for i, (image, caption) in enumerate(zip(images, captions)):
+            sink.write({"__key__": f"{i:09d}", "jpg": image, "txt": caption})
+    parquet = work / "ingest" / "pairs.parquet"
+    pq.write_table(pa.table({"jpg": pa.array(images, pa.binary()), "caption": captions}), parquet)
+    return {
+        "loose": ["--input", str(pairs_file), "--image-root", str(work)],
+        "tar": ["--input", str(tar)],
+        "parquet": ["--input", str(parquet), "--image-field", "jpg"],
+    }
+
+
+def measure_ingest(
+    work: Path, pairs_file: Path, records: list[dict], tokenizer: Path, args: argparse.Namespace
+) -> dict[str, float]:
+    """Converter images/s from each input form; each round runs every form once, starting one later each round.
+
+    One torch thread for the dVAE: with two on a loaded 2-core CPU even the tiny one ran 4-5x slower."""
+    torch.set_num_threads(1)
+    inputs = write_ingest_inputs(work, pairs_file, records)
+    forms = list(inputs)
+    best: dict[str, float] = {}
+    for r in range(args.rounds):
+        for form in forms[r % len(forms) :] + forms[: r % len(forms)]:
+            seconds = time_converter(inputs[form], work / "ingest" / f"{form}_{r}", tokenizer, INGEST_CODEBOOK, args)
+            best[form] = max(best.get(form, 0.0), rate(len(records), seconds))
+    results = {f"ingest_{form}_1_worker": value for form, value in best.items()}
+    results["ratio_tar_vs_loose"] = best["tar"] / best["loose"]
+    results["ratio_parquet_vs_loose"] = best["parquet"] / best["loose"]
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=24, help="originals to generate and preprocess")
     parser.add_argument("--samples", type=int, default=256, help="samples per loader measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved loader rounds (best is kept)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved loader and ingest rounds (best is kept)")
     parser.add_argument("--online-dvae-samples", type=int, default=12, help="samples for baseline (a)")
     parser.add_argument("--codebook", default="random:0", help="full-size DALL-E codebook by default")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--crop", type=int, default=224)
     parser.add_argument("--dvae-batch", type=int, default=8)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", choices=("ingest",), help="run only this measurement (quick)")
     args = parser.parse_args(argv)
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         pairs_file = make_originals(work, args.images)
         records = [json.loads(line) for line in pairs_file.read_text().splitlines()]
-        subprocess.run(
-            [
-                sys.executable,
-                str(REPO / "tools" / "train_tokenizer.py"),
-                "--input",
-                str(pairs_file),
-                "--json-key",
-                "caption",
-                "--vocab-size",
-                "400",
-                "--output",
-                str(work / "tokenizer.json"),
-            ],
-            check=True,
-            capture_output=True,
-        )
-        tokenizer = Tokenizer.from_file(work / "tokenizer.json")
-        settings = ImageSettings(image_size=args.image_size)
-
-        start = time.perf_counter()
-        views = [load_square_image(work / r["image"], settings)[1] for r in records]
-        results["prep_decode_per_worker"] = rate(len(records), time.perf_counter() - start)
-        encoder = CodebookEncoder(args.codebook, args.device, args.dvae_batch)
-        batch = views[: args.dvae_batch * max(1, min(2, len(views) // args.dvae_batch))]
-        encoder.encode(views[:1])  # warm-up
-        start = time.perf_counter()
-        encoder.encode(batch)
-        results["prep_dvae_batched"] = rate(len(batch), time.perf_counter() - start)
-        start = time.perf_counter()
-        rc = pairs.main(
-            [
-                "--input",
-                str(pairs_file),
-                "--image-root",
-                str(work),
-                "--output",
-                str(work / "shards"),
-                "--tokenizer",
-                str(work / "tokenizer.json"),
-                "--codebook",
-                args.codebook,
-                "--image-size",
-                str(args.image_size),
-                "--workers",
-                "1",
-                "--batch-size",
-                str(args.dvae_batch),
-                "--device",
-                args.device,
-                "--no-progress",
-            ]
-        )
-        results["prep_end_to_end_1_worker"] = rate(len(records), time.perf_counter() - start)
-        if rc != 0:
-            raise SystemExit(f"preprocessing failed with exit code {rc}")
-
-        torch.set_num_threads(1)  # what a DataLoader worker gets
-        ours = ImageTextDataset(work / "shards", tokenizer, ImageAugment(args.crop))
-        online = OnlineBaseline(records, work, tokenizer, None, args.crop, seed=0)
-        # interleaved rounds, best of each: other load on the machine hits both pipelines alike
-        for _ in range(args.rounds):
-            for name, get, collate, size in (
-                ("load_ours", ours.__getitem__, ours.collator(), len(ours)),
-                ("load_b_online_no_dvae", online.__getitem__, online.collate, len(records)),
-            ):
-                results[name] = max(results.get(name, 0.0), time_loader(get, collate, size, args.samples, 32))
-        online.codebook = load_codebook(args.codebook)
-        results["load_a_online_dvae"] = time_loader(
-            online.__getitem__, online.collate, len(records), args.online_dvae_samples, args.online_dvae_samples
-        )
-    results["ratio_vs_a"] = results["load_ours"] / results["load_a_online_dvae"]
-    results["ratio_vs_b"] = results["load_ours"] / results["load_b_online_no_dvae"]
+        tokenizer = train_tokenizer(pairs_file, work / "tokenizer.json")
+        if args.only is None:
+            results.update(measure_preprocessing(work, pairs_file, records, tokenizer, args))
+            results.update(measure_loading(work, records, Tokenizer.from_file(tokenizer), args))
+        results.update(measure_ingest(work, pairs_file, records, tokenizer, args))
+    header = f"# bench_data: {platform.processor() or platform.machine()}, torch {torch.__version__}"
+    if args.only is None:
+        header += f", {torch.get_num_threads()} loader thread, dVAE {args.codebook} on {args.device}"
+    print(header)
     print(
-        f"# bench_data: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} loader thread, dVAE {args.codebook} on {args.device}"
+        f"# ingest: {args.images} images, preprocess.pairs --workers 1, the tiny dVAE {INGEST_CODEBOOK} on one "
+        f"torch thread (not the full-size one, which would be the whole cost), best of {args.rounds} interleaved rounds"
     )
     for name, value in results.items():
         unit = "x" if name.startswith("ratio") else "samples/s" if name.startswith("load") else "images/s"
