@@ -3,7 +3,7 @@
 Inputs (``preprocess/readers.py``; the format is picked from the paths, ``--format`` overrides):
 webdataset tars as img2dataset writes them (globs, ``{00000..00999}`` ranges, ``pipe:`` URLs), Parquet /
 Arrow files or directories (a Hugging Face hub cache), a ``datasets.save_to_disk`` directory, COCO caption
-annotations, JSONL / CSV / TSV (optionally compressed; ``--columns caption,url`` for files without a header).
+annotations, JSONL / CSV / TSV (optionally compressed; ``--columns caption,image`` for files without a header).
 
 Fields: the image is ``--image-field`` (default: the first of ``jpg,jpeg,png,webp`` in a tar, ``file_name`` in
 COCO, else ``image``): a path (read inside ``--image-root``), encoded bytes, or the HF ``Image`` struct. The
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format", choices=FORMATS, help="the input format (default: from the paths)")
     g.add_argument(
         "--columns",
-        help="comma-separated field names of CSV/TSV files that have no header row, e.g. caption,url",
+        help="comma-separated field names of CSV/TSV files that have no header row, e.g. caption,image",
     )
     g.add_argument(
         "--image-root",

@@ -214,7 +214,9 @@ def test_tensor_parallel_training_matches_single_process(data, tmp_path):
         assert abs(losses[2][step] - loss) < 1e-4, (step, losses[2][step], loss)
 
 
-@pytest.mark.parametrize("name", ["flava_full", "flava_c", "flava_mm", "unimodal_mlm", "unimodal_mim", "demo"])
+@pytest.mark.parametrize(
+    "name", sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+)
 def test_shipped_run_configs_parse_and_build(name):
     """Every shipped run YAML parses into a valid config whose model builds (on the meta device)."""
     from flava_ds.model import FlavaConfig
