@@ -53,8 +53,10 @@ class GlobalContrastiveLoss(nn.Module):
         text_emb: torch.Tensor,
         logit_scale: torch.Tensor,
         row_mask: torch.Tensor | None = None,
+        normalizer: float | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """image_emb, text_emb: (B, D) L2-normalised; row_mask (B,) bool keeps matched pairs as queries.
+        """image_emb, text_emb: (B, D) L2-normalised; row_mask (B,) bool keeps matched pairs as queries;
+        `normalizer` replaces the local query count as the divisor of the summed row losses (a global mean).
 
         Returns (loss, logits_per_image (B', W*B), logits_per_text (B', W*B)).
         """
@@ -76,5 +78,11 @@ class GlobalContrastiveLoss(nn.Module):
                 logits_per_text[row_mask],
                 labels[row_mask],
             )
-        loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        reduction = "mean" if normalizer is None else "sum"
+        loss = (
+            F.cross_entropy(logits_per_image, labels, reduction=reduction)
+            + F.cross_entropy(logits_per_text, labels, reduction=reduction)
+        ) / 2
+        if normalizer is not None:
+            loss = loss / normalizer
         return loss, logits_per_image, logits_per_text

@@ -11,7 +11,7 @@ decides which passes and heads run; `flava_ds.train.flops` counts the same plan.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -233,10 +233,15 @@ class FlavaForPreTraining(nn.Module):
         mim_labels: torch.Tensor | None = None,
         mlm_labels: torch.Tensor | None = None,
         itm_labels: torch.Tensor | None = None,
+        loss_normalizers: Mapping[str, float] | None = None,
     ) -> FlavaOutput:
         """Shapes as in `transformers.FlavaForPreTraining.forward`:
         input_ids, input_ids_masked, attention_mask, mlm_labels: (B, L); pixel_values: (B, C, S, S);
         bool_masked_pos, mim_labels: (B, P) (codebook ids for all patches); itm_labels: (B,). Ignore index -100.
+
+        `loss_normalizers` (keys from LOSS_NAMES): a term named there is its summed per-target losses divided by
+        that number instead of their mean over this batch (see `target_counts`), so a trainer can make every
+        term a mean over the global batch of a step; None or a name absent: this batch's mean, as `transformers`.
         """
         batch = PretrainingBatch(
             input_ids,
@@ -251,28 +256,51 @@ class FlavaForPreTraining(nn.Module):
         self._check_inputs(batch)
         plan = ForwardPlan.of(self.config, batch)
         paths = {"image_text": self._image_text, "image": self._image_only, "text": self._text_only}
-        return paths[plan.kind](batch, plan)
+        return paths[plan.kind](batch, plan, loss_normalizers or {})
 
-    def _image_only(self, b: PretrainingBatch, plan: ForwardPlan) -> FlavaOutput:
+    def target_counts(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """How many targets each loss of this batch (`forward`'s arguments) averages over, as 0-dim tensors keyed
+        by LOSS_NAMES: masked patches / tokens for MIM, MLM and MMM (MMM on matched pairs only), labelled pairs
+        for ITM, query rows for the contrastive loss. Summed over a step's micro-batches and data-parallel ranks
+        they give the global-batch normalisers of `forward`'s `loss_normalizers`."""
+        b = PretrainingBatch.from_inputs(inputs)
+        heads = ForwardPlan.of(self.config, b).heads
+        rows = matched_rows(b.itm_labels)
+        targets = {
+            "mim": lambda: mim_targets(b.mim_labels, b.bool_masked_pos),
+            "mlm": lambda: b.mlm_labels,
+            "mmm_image": lambda: _rows(mim_targets(b.mim_labels, b.bool_masked_pos), rows),
+            "mmm_text": lambda: _rows(b.mlm_labels, rows),
+        }
+        counts = {name: get().ne(IGNORE_INDEX).sum() for name, get in targets.items() if name in heads}
+        if "itm" in heads and b.itm_labels is not None:
+            counts["itm"] = torch.tensor(b.itm_labels.numel())
+        if "global_contrastive" in heads:
+            counts["global_contrastive"] = torch.tensor(b.input_ids.shape[0]) if rows is None else rows.sum()
+        return counts
+
+    def _image_only(self, b: PretrainingBatch, plan: ForwardPlan, normalizers: Mapping[str, float]) -> FlavaOutput:
         out, targets = FlavaOutput(), None
         if "mim" in plan.heads:
             targets = F.pad(mim_targets(b.mim_labels, b.bool_masked_pos), (1, 0), value=IGNORE_INDEX)  # (B, 1+P)
         index = _target_positions(targets)
         _, image = self.image_encoder(b.pixel_values, b.bool_masked_pos, index)
         if targets is not None:
-            self._masked_prediction(out, "mim", self.mim_head, image, targets.gather(1, index), self.config.mim_weight)
+            mim = targets.gather(1, index)
+            self._masked_prediction(out, "mim", self.mim_head, image, mim, self.config.mim_weight, normalizers)
         return self._finish(out)
 
-    def _text_only(self, b: PretrainingBatch, plan: ForwardPlan) -> FlavaOutput:
+    def _text_only(self, b: PretrainingBatch, plan: ForwardPlan, normalizers: Mapping[str, float]) -> FlavaOutput:
         out = FlavaOutput()
         targets = b.mlm_labels if "mlm" in plan.heads else None
         index = _target_positions(targets)
         _, text = self.text_encoder(b.text_ids, _padding_mask(b.attention_mask), index)
         if targets is not None:
-            self._masked_prediction(out, "mlm", self.mlm_head, text, targets.gather(1, index), self.config.mlm_weight)
+            mlm = targets.gather(1, index)
+            self._masked_prediction(out, "mlm", self.mlm_head, text, mlm, self.config.mlm_weight, normalizers)
         return self._finish(out)
 
-    def _image_text(self, b: PretrainingBatch, plan: ForwardPlan) -> FlavaOutput:
+    def _image_text(self, b: PretrainingBatch, plan: ForwardPlan, normalizers: Mapping[str, float]) -> FlavaOutput:
         cfg, out = self.config, FlavaOutput()
         padding = _padding_mask(b.attention_mask)
         image = text = None
@@ -308,21 +336,30 @@ class FlavaForPreTraining(nn.Module):
                 itm_logits = self.itm_head(fused[:, 0])
                 out.logits["itm"] = itm_logits
                 if b.itm_labels is not None:
-                    out.losses["itm"] = F.cross_entropy(itm_logits, b.itm_labels) * cfg.itm_weight
+                    itm = _reduced(
+                        lambda r: F.cross_entropy(itm_logits, b.itm_labels, reduction=r), normalizers.get("itm")
+                    )
+                    out.losses["itm"] = itm * cfg.itm_weight
             if mmm_image is not None:
+                mmm_image = mmm_image.gather(1, index)
                 self._masked_prediction(
-                    out, "mmm_image", self.mmm_image_head, fused, mmm_image.gather(1, index), cfg.mmm_image_weight
+                    out, "mmm_image", self.mmm_image_head, fused, mmm_image, cfg.mmm_image_weight, normalizers
                 )
             if mmm_text is not None:
+                mmm_text = mmm_text.gather(1, index)
                 self._masked_prediction(
-                    out, "mmm_text", self.mmm_text_head, fused, mmm_text.gather(1, index), cfg.mmm_text_weight
+                    out, "mmm_text", self.mmm_text_head, fused, mmm_text, cfg.mmm_text_weight, normalizers
                 )
 
         if plan.contrastive:
             out.image_embedding = self._embed(self.image_projection, image[1])
             out.text_embedding = self._embed(self.text_projection, text[1])
             loss, per_image, per_text = self.contrastive(
-                out.image_embedding, out.text_embedding, self.logit_scale, row_mask
+                out.image_embedding,
+                out.text_embedding,
+                self.logit_scale,
+                row_mask,
+                normalizers.get("global_contrastive"),
             )
             out.losses["global_contrastive"] = loss * cfg.global_contrastive_weight
             out.logits["contrastive_per_image"], out.logits["contrastive_per_text"] = per_image, per_text
@@ -349,6 +386,7 @@ class FlavaForPreTraining(nn.Module):
         states: torch.Tensor,
         labels: torch.Tensor,
         weight: float,
+        normalizers: Mapping[str, float],
     ) -> None:
         """Run `head` only on positions with a target; states (B, N, H), labels (B, N)."""
         selected = labels.ne(IGNORE_INDEX)
@@ -357,7 +395,8 @@ class FlavaForPreTraining(nn.Module):
         if logits.shape[0] == 0:  # nothing masked: a zero that still touches the graph, never NaN
             out.losses[name] = logits.sum() * 0.0
         else:
-            out.losses[name] = head.loss(logits, labels[selected]) * weight
+            loss = _reduced(lambda r: head.loss(logits, labels[selected], r), normalizers.get(name))
+            out.losses[name] = loss * weight
 
     @staticmethod
     def _finish(out: FlavaOutput) -> FlavaOutput:
@@ -421,6 +460,11 @@ def _target_positions(targets: torch.Tensor | None) -> torch.Tensor | None:
 def _cls_only(batch: torch.Tensor) -> torch.Tensor:
     """The index (B, 1) of position 0: an encoder pass whose reader is the CLS state alone."""
     return torch.zeros(batch.shape[0], 1, dtype=torch.long, device=batch.device)
+
+
+def _reduced(loss: Callable[[str], torch.Tensor], normalizer: float | None) -> torch.Tensor:
+    """`loss(reduction)` as the mean over its rows, or, given a normalizer, as their sum divided by it."""
+    return loss("mean") if normalizer is None else loss("sum") / normalizer
 
 
 def _rows(targets: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:

@@ -26,8 +26,8 @@ class MaskedPredictionHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.norm(F.gelu(self.dense(x))))
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(logits, labels, vocab_parallel=self.vocab_parallel)
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        return cross_entropy(logits, labels, vocab_parallel=self.vocab_parallel, reduction=reduction)
 
 
 class ITMHead(nn.Module):

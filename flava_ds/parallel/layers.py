@@ -83,16 +83,20 @@ def vocab_parallel_linear(in_features: int, vocab_size: int) -> nn.Module:
     return VocabParallelDecoder(in_features, vocab_size)
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab_parallel: bool) -> torch.Tensor:
-    """Mean cross-entropy over rows; with `vocab_parallel` at T > 1 the classes are split over the TP ranks
-    (megatron-core's vocab_parallel_cross_entropy: no rank ever holds the full logits). No ignore index: callers
-    pass only rows with a target."""
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, vocab_parallel: bool, reduction: str = "mean"
+) -> torch.Tensor:
+    """Cross-entropy over rows, their "mean" or "sum" (a global-batch mean divides the sum itself); with
+    `vocab_parallel` at T > 1 the classes are split over the TP ranks (megatron-core's
+    vocab_parallel_cross_entropy: no rank ever holds the full logits). No ignore index: callers pass only rows
+    with a target."""
     if not vocab_parallel or tensor_parallel_size() == 1:
-        return F.cross_entropy(logits, labels)
+        return F.cross_entropy(logits, labels, reduction=reduction)
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     # megatron works in place on fp32 logits; the copy keeps the caller's logits intact
-    return vocab_parallel_cross_entropy(logits.to(torch.float32, copy=True), labels).mean()
+    per_row = vocab_parallel_cross_entropy(logits.to(torch.float32, copy=True), labels)
+    return per_row.sum() if reduction == "sum" else per_row.mean()
 
 
 def gather_vocab_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -2,10 +2,14 @@
 
 One optimizer step = `gradient_accumulation_steps` micro-steps, all of one batch kind: step s trains task
 `streams.task(s)` on every rank and micro-step (the paper's "in each training iteration one dataset is chosen"),
-so accumulation does not change which kinds a step mixes. Per-step losses are averaged over the data-parallel
-group and written to the metrics file; every log interval TensorBoard gets each loss term per batch
-kind, lr, grad norm, logit scale, loss scale, throughput, TFLOP/s, MFU, data wait, memory, skipped
-updates and bad samples. What survives kills, signals, bad data and non-finite steps: docs/RELIABILITY.md.
+so accumulation does not change which kinds a step mixes. Every loss term of a step is a mean over the targets of
+the whole global batch (all data-parallel ranks x all micro-steps; `Trainer._loss_normalizers`), so the loss and
+the update do not depend on how the global batch is cut over ranks and micro-steps (except the contrastive
+term's columns under accumulation, which span one micro-batch). Per-step losses, the means over micro-steps and
+ranks of the micro-steps' losses, are then the global batch's losses; they go to the metrics file, and every log
+interval TensorBoard gets each loss term per batch kind, lr, grad norm, logit scale, loss scale, throughput,
+TFLOP/s, MFU, data wait, memory, skipped updates and bad samples. What survives kills, signals, bad data and
+non-finite steps: docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
@@ -262,11 +266,12 @@ class Trainer:
         step_start, wait_start = time.perf_counter(), self.streams.wait_seconds
         losses, nonfinite = [], False
         task = self.streams.task(self.step)
-        for micro in range(self.accum):
-            batch = self.streams.next_batch(task)
-            self._bad_local += int(batch.pop(BAD_SAMPLES))
+        batches = [self.streams.next_batch(task) for _ in range(self.accum)]  # small; their activations are not
+        self._bad_local += sum(int(batch.pop(BAD_SAMPLES)) for batch in batches)
+        normalizers = self._loss_normalizers(batches)
+        for micro, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            out = self.engine(**batch)
+            out = self.engine(**batch, loss_normalizers=normalizers)
             if FAULTS.nan_steps and self.step + 1 in FAULTS.nan_steps:
                 out.loss = out.loss * float("nan")
             finite = torch.tensor([float(torch.isfinite(out.loss).item())])
@@ -310,6 +315,20 @@ class Trainer:
         loss = torch.stack(losses).mean().reshape(1)
         dist.all_reduce(loss, group=data_parallel_group())
         return loss.item() / self.dp_size
+
+    def _loss_normalizers(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Per loss term, the divisor of a micro-step's summed per-target losses: the step's global target count
+        (over micro-steps and data-parallel ranks) / (dp_size * accum). DeepSpeed divides each micro-step's loss
+        by accum (engine.backward) and averages gradients over the data-parallel ranks, so the update is the
+        gradient of (all per-target losses of the step) / (their global count): the same on any cluster shape."""
+        counts = torch.zeros(len(LOSS_NAMES), dtype=torch.float64)
+        for batch in batches:
+            for name, count in self.engine.module.target_counts(batch).items():
+                counts[LOSS_NAMES.index(name)] += float(count)
+        counts = counts.to(self.device)
+        dist.all_reduce(counts, group=data_parallel_group())
+        share = self.dp_size * self.accum
+        return {name: max(total, 1.0) / share for name, total in zip(LOSS_NAMES, counts.tolist())}
 
     def _clear_stale_zero3_gradients(self) -> None:
         """ZeRO-3 keeps each parameter's reduced gradient partition until that parameter gets a new one, so a
