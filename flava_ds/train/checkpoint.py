@@ -177,7 +177,8 @@ def load(engine, load_dir: str | Path, trusted_globals: Iterable[str] = ()) -> d
 
 
 def export(save_dir: str | Path, output: str | Path, tag: str | None = None) -> Path:
-    """Consolidate a DeepSpeed checkpoint (any ZeRO stage) into one fp32 flava_ds export directory."""
+    """Consolidate a DeepSpeed checkpoint (any ZeRO stage) into one fp32 flava_ds export directory: the fp32 master
+    weights of the optimizer state (ZeRO 1-3, bf16), or the module itself in fp32 ZeRO-0."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from flava_ds.model import FlavaConfig, FlavaForPreTraining
@@ -193,8 +194,25 @@ def export(save_dir: str | Path, output: str | Path, tag: str | None = None) -> 
             "supports TP=1 checkpoints. Export from a running TP job with model.save_pretrained (which gathers "
             "the shards) instead."
         )
-    state = get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
+    directory = Path(save_dir) / tag
     model = FlavaForPreTraining(config)
+
+    def whole_weights() -> dict[str, torch.Tensor]:
+        """The model states' module: every weight whole at ZeRO 0-2, in the training dtype (globals checked above)."""
+        (states,) = directory.glob("mp_rank_00_model_states.pt")
+        return torch.load(states, map_location="cpu", weights_only=False)["module"]
+
+    if list(directory.glob("*optim_states.pt")):  # ZeRO 1-3, or bf16: the fp32 master weights are there
+        state = get_fp32_state_dict_from_zero_checkpoint(str(save_dir), tag=tag)
+    else:  # ZeRO-0 in fp32 (fp16 is the only other way to have no optimizer partitions, and cannot run there)
+        state = dict(whole_weights())
+        if any(t.dtype != torch.float32 for t in state.values()):
+            raise NotImplementedError(f"{directory}: ZeRO-0 fp16 keeps no fp32 master weights on disk; use ZeRO-1")
+    # frozen parameters (the poolers) have no optimizer state, so ZeRO-1 leaves them out: they never change
+    missing = {name for name, p in model.named_parameters() if not p.requires_grad} - state.keys()
+    if missing:
+        module = whole_weights()
+        state.update({name: module[name].float() for name in missing})
     model.load_state_dict(state)
     model.save_pretrained(output)
     return Path(output)
