@@ -16,6 +16,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the package importable without installing
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from flava_ds.train.checkpoint import UntrustedCheckpointError, verified_checkpoint
     from flava_ds.train.config import ConfigError, RunConfig, load_deepspeed_config, model_config_of, validate
+    from flava_ds.train.elastic import Topology, make_universal, needs_universal
     from flava_ds.train.preflight import check_data
 
     try:
@@ -80,13 +82,25 @@ def main(argv: list[str] | None = None) -> None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         micro, accum, total = validate(config, ds_config, world_size)  # before anything heavy is built
         check_data(config, model_config_of(config))
+        tag, universal = None, False
         if config.checkpoint.load:  # refused here, before the model, rather than after it is built
-            verified_checkpoint(config.checkpoint.load, extra_trusted=config.checkpoint.trusted_globals)
+            tag = verified_checkpoint(config.checkpoint.load, extra_trusted=config.checkpoint.trusted_globals)
+        if tag is not None:  # another cluster shape: the same global batch, ZeRO partitions through universal
+            tp = config.train.tensor_parallel_size
+            stage = int(ds_config.get("zero_optimization", {}).get("stage", 0))
+            try:
+                universal = needs_universal(
+                    Path(config.checkpoint.load, tag), Topology(world_size // tp, tp, micro, accum, stage)
+                )
+            except ValueError as err:
+                raise ConfigError(f"checkpoint.load: {err}") from err
     except ConfigError as err:
         sys.exit(f"flava_ds: configuration error: {err}")
     except UntrustedCheckpointError as err:
         sys.exit(f"flava_ds: checkpoint refused: {err}")
     ds_config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum, train_batch_size=total)
+    if universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
 
     import datetime
 
@@ -98,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     trainer = None
     try:  # any error from here on ends this rank at once (with its reason), never a hang at exit
         deepspeed.init_distributed(timeout=datetime.timedelta(seconds=config.train.collective_timeout_s))
+        if universal:  # before the model exists: the conversion's worker processes fork from a small process
+            make_universal(config.checkpoint.load, tag)
         trainer = Trainer(config, ds_config, micro, accum)
         trainer.train()
         trainer.close()

@@ -173,15 +173,17 @@ class BlendedDataset:
 class ResumableDistributedSampler:
     """Batch sampler over one stream, sharded over data-parallel ranks and resumable at any global batch.
 
-    The stream is cut into global batches of G = micro_batch_size * dp_size samples; rank r gets
-    items [r * micro, (r + 1) * micro) of each, so the union over ranks is the 1-rank stream with
-    the same G. Over one dataset of `source` samples each epoch is a (seed, epoch) permutation with
-    the incomplete last global batch dropped, and epochs roll over forever. With a `BlendedIndex`
-    as `source` the stream is the blend's endless sequence.
+    The stream is cut into global batches of G = micro_batch_size * dp_size * accumulation samples (one optimizer
+    step), each into `accumulation` micro-steps of micro * dp_size; rank r gets items [r * micro, (r + 1) * micro)
+    of each micro-step, so the samples of a step are the same G stream positions whatever the shape (ranks x
+    micro x accumulation) that cuts them: a checkpoint resumes on any shape with the same G. Over one dataset of
+    `source` samples each epoch is a (seed, epoch) pseudo-random order with the incomplete last global batch
+    dropped, and epochs roll over forever. With a `BlendedIndex` as `source` the stream is the blend's endless
+    sequence.
 
     Iterating yields lists of `SampleKey` starting at `consumed_samples` and does not move it: the
-    trainer calls `advance()` for every global batch it trains on, so loader prefetching never
-    leaks into checkpoints (`state_dict`).
+    trainer calls `advance()` for every micro-step it trains on, so loader prefetching never
+    leaks into checkpoints (`state_dict`, taken between optimizer steps).
     """
 
     def __init__(
@@ -191,30 +193,34 @@ class ResumableDistributedSampler:
         *,
         dp_rank: int = 0,
         dp_size: int = 1,
+        accumulation: int = 1,
         seed: int = 0,
         shuffle: bool = True,
         consumed_samples: int = 0,
     ):
-        if micro_batch_size <= 0 or dp_size <= 0 or not 0 <= dp_rank < dp_size:
-            raise ValueError(f"bad sharding: micro_batch_size={micro_batch_size}, rank {dp_rank} of {dp_size}")
+        if micro_batch_size <= 0 or dp_size <= 0 or accumulation <= 0 or not 0 <= dp_rank < dp_size:
+            raise ValueError(
+                f"bad sharding: micro_batch_size={micro_batch_size}, accumulation={accumulation}, "
+                f"rank {dp_rank} of {dp_size}"
+            )
         self.source = source if isinstance(source, BlendedIndex) else int(source)
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.seed, self.shuffle = seed, shuffle
-        self.global_batch_size = micro_batch_size * dp_size
+        self.micro_step_size = micro_batch_size * dp_size  # samples of one micro-step over all ranks
+        self.global_batch_size = self.micro_step_size * accumulation
         if isinstance(self.source, int) and self.source < self.global_batch_size:
             raise ValueError(
                 f"dataset of {self.source} samples is smaller than one global batch ({self.global_batch_size})"
             )
-        self._check_consumed(consumed_samples)
+        self._check_consumed(consumed_samples, self.global_batch_size)
         self.consumed_samples = consumed_samples
         self._epoch_cache: tuple[int, EpochOrder] | None = None
 
-    def _check_consumed(self, consumed: int) -> None:
-        if consumed < 0 or consumed % self.global_batch_size:
-            raise ValueError(
-                f"consumed_samples {consumed} is not a multiple of the global batch {self.global_batch_size}"
-            )
+    @staticmethod
+    def _check_consumed(consumed: int, unit: int) -> None:
+        if consumed < 0 or consumed % unit:
+            raise ValueError(f"consumed_samples {consumed} is not a multiple of the global batch {unit}")
 
     @property
     def samples_per_epoch(self) -> int | None:
@@ -242,23 +248,23 @@ class ResumableDistributedSampler:
 
     def global_batch(self, consumed: int) -> list[SampleKey]:
         """All G keys of the global batch that starts at stream position `consumed`."""
-        self._check_consumed(consumed)
+        self._check_consumed(consumed, self.global_batch_size)
         return self._keys(consumed, self.global_batch_size)
 
     def micro_batch(self, consumed: int) -> list[SampleKey]:
-        """This rank's share of the global batch starting at `consumed`."""
-        self._check_consumed(consumed)
+        """This rank's share of the micro-step starting at `consumed`."""
+        self._check_consumed(consumed, self.micro_step_size)
         return self._keys(consumed + self.dp_rank * self.micro_batch_size, self.micro_batch_size)
 
     def __iter__(self) -> Iterator[list[SampleKey]]:
         consumed = self.consumed_samples
         while True:
             yield self.micro_batch(consumed)
-            consumed += self.global_batch_size
+            consumed += self.micro_step_size
 
-    def advance(self, num_global_batches: int = 1) -> None:
-        """Record that the trainer consumed this many global batches of this stream."""
-        self.consumed_samples += num_global_batches * self.global_batch_size
+    def advance(self, num_micro_steps: int = 1) -> None:
+        """Record that the trainer trained on this many micro-steps of this stream."""
+        self.consumed_samples += num_micro_steps * self.micro_step_size
 
     def state_dict(self) -> dict[str, Any]:
         source = self.source.state_dict() if isinstance(self.source, BlendedIndex) else self.source
@@ -279,7 +285,7 @@ class ResumableDistributedSampler:
                     f"cannot resume this stream: checkpoint {field}={state[field]!r} but now {mine[field]!r}; "
                     "the sample order would not continue where it stopped"
                 )
-        self._check_consumed(int(state["consumed_samples"]))
+        self._check_consumed(int(state["consumed_samples"]), self.global_batch_size)
         self.consumed_samples = int(state["consumed_samples"])
 
 

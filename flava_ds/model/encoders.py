@@ -66,9 +66,11 @@ class TextEncoder(nn.Module):
         key_padding_mask: torch.Tensor | None,
         query_index: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        L = input_ids.shape[1]
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]  # single segment: type 0
-        x = self.embed_norm(x + self.position_embeddings.weight[:L])  # (B, L, H)
+        # every weight through its module's call, so ZeRO-3 gathers it whichever method runs the encoder
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        segment = self.token_type_embeddings(torch.zeros_like(positions[:1]))  # (1, H): single segment, type 0
+        x = self.word_embeddings(input_ids) + segment
+        x = self.embed_norm(x + self.position_embeddings(positions))  # (B, L, H)
         hidden = self.encoder(x, key_padding_mask, query_index)  # (B, L or Q, H)
         return hidden, self.final_norm(hidden)
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flava_ds.model.config import FlavaConfig, merge_overrides, validate_for_tensor_parallel
-from flava_ds.model.contrastive import GlobalContrastiveLoss
+from flava_ds.model.contrastive import ContrastiveCache, GlobalContrastiveLoss
 from flava_ds.model.encoders import ImageEncoder, MultimodalEncoder, TextEncoder
 from flava_ds.model.heads import ITMHead, MaskedPredictionHead
 from flava_ds.model.hf_io import expect_keys, read_config, read_state_dict, write_checkpoint
@@ -234,6 +234,7 @@ class FlavaForPreTraining(nn.Module):
         mlm_labels: torch.Tensor | None = None,
         itm_labels: torch.Tensor | None = None,
         loss_normalizers: Mapping[str, float] | None = None,
+        contrastive_cache: ContrastiveCache | None = None,
     ) -> FlavaOutput:
         """Shapes as in `transformers.FlavaForPreTraining.forward`:
         input_ids, input_ids_masked, attention_mask, mlm_labels: (B, L); pixel_values: (B, C, S, S);
@@ -242,6 +243,10 @@ class FlavaForPreTraining(nn.Module):
         `loss_normalizers` (keys from LOSS_NAMES): a term named there is its summed per-target losses divided by
         that number instead of their mean over this batch (see `target_counts`), so a trainer can make every
         term a mean over the global batch of a step; None or a name absent: this batch's mean, as `transformers`.
+        With `loss_normalizers`, MMM and the contrastive rows are the matched pairs only, even when a batch has
+        none (`transformers` then falls back to all rows, which would make the loss depend on how a global batch
+        is cut). `contrastive_cache` (with `loss_normalizers`): the contrastive term scores against the columns of
+        the step's whole global batch under accumulation (see `ContrastiveCache`).
         """
         batch = PretrainingBatch(
             input_ids,
@@ -255,7 +260,9 @@ class FlavaForPreTraining(nn.Module):
         )
         self._check_inputs(batch)
         plan = ForwardPlan.of(self.config, batch)
-        paths = {"image_text": self._image_text, "image": self._image_only, "text": self._text_only}
+        if plan.kind == "image_text":
+            return self._image_text(batch, plan, loss_normalizers, contrastive_cache)
+        paths = {"image": self._image_only, "text": self._text_only}
         return paths[plan.kind](batch, plan, loss_normalizers or {})
 
     def target_counts(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -265,7 +272,7 @@ class FlavaForPreTraining(nn.Module):
         they give the global-batch normalisers of `forward`'s `loss_normalizers`."""
         b = PretrainingBatch.from_inputs(inputs)
         heads = ForwardPlan.of(self.config, b).heads
-        rows = matched_rows(b.itm_labels)
+        rows = matched_rows(b.itm_labels, fallback=False)
         targets = {
             "mim": lambda: mim_targets(b.mim_labels, b.bool_masked_pos),
             "mlm": lambda: b.mlm_labels,
@@ -300,15 +307,27 @@ class FlavaForPreTraining(nn.Module):
             self._masked_prediction(out, "mlm", self.mlm_head, text, mlm, self.config.mlm_weight, normalizers)
         return self._finish(out)
 
-    def _image_text(self, b: PretrainingBatch, plan: ForwardPlan, normalizers: Mapping[str, float]) -> FlavaOutput:
+    def contrastive_embeddings(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """An image-text batch's (image, text) contrastive embeddings (B, projection_dim) as its training forward
+        computes them, for a `ContrastiveCache` (call without gradient)."""
+        b = PretrainingBatch.from_inputs(inputs)
+        return self.encode_image(b.pixel_values), self.encode_text(b.input_ids, b.attention_mask)
+
+    def _image_text(
+        self,
+        b: PretrainingBatch,
+        plan: ForwardPlan,
+        normalizers: Mapping[str, float] | None,
+        cache: ContrastiveCache | None,
+    ) -> FlavaOutput:
         cfg, out = self.config, FlavaOutput()
+        row_mask = matched_rows(b.itm_labels, fallback=normalizers is None)  # MMM and contrastive: matched pairs
+        normalizers = normalizers or {}
         padding = _padding_mask(b.attention_mask)
         image = text = None
         if plan.contrastive:  # unmasked views; the contrastive loss reads their CLS only (all when fusion shares)
             image = self.image_encoder(b.pixel_values, None, None if plan.shared_image else _cls_only(b.pixel_values))
             text = self.text_encoder(b.input_ids, padding, None if plan.shared_text else _cls_only(b.input_ids))
-
-        row_mask = matched_rows(b.itm_labels)  # MMM and contrastive queries use matched pairs only
         if plan.fusion:
             image_masked = image if plan.shared_image else self.image_encoder(b.pixel_values, b.bool_masked_pos)
             text_masked = text if plan.shared_text else self.text_encoder(b.text_ids, padding)
@@ -360,6 +379,7 @@ class FlavaForPreTraining(nn.Module):
                 self.logit_scale,
                 row_mask,
                 normalizers.get("global_contrastive"),
+                cache,
             )
             out.losses["global_contrastive"] = loss * cfg.global_contrastive_weight
             out.logits["contrastive_per_image"], out.logits["contrastive_per_text"] = per_image, per_text
@@ -472,12 +492,13 @@ def _rows(targets: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
     return targets if row_mask is None else targets.masked_fill(~row_mask[:, None], IGNORE_INDEX)
 
 
-def matched_rows(itm_labels: torch.Tensor | None) -> torch.Tensor | None:
-    """The rows (B,) whose pair is matched (all if none is), which MMM and the contrastive loss read."""
+def matched_rows(itm_labels: torch.Tensor | None, fallback: bool = True) -> torch.Tensor | None:
+    """The rows (B,) whose pair is matched, which MMM and the contrastive loss read; with `fallback` all rows
+    when none is (as `transformers`)."""
     if itm_labels is None:
         return None
     matched = itm_labels.ne(0)
-    return matched | ~matched.any()
+    return matched | ~matched.any() if fallback else matched
 
 
 def mim_targets(mim_labels: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:

@@ -28,11 +28,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from flava_ds.train.elastic import universal_load_repairs, universal_tag
 from flava_ds.train.faults import FAULTS
 
 LATEST = "latest"
 MODEL_CONFIG = "flava_config.json"
 _TAG = re.compile(r"^global_step(\d+)$")
+_UNIVERSAL_TAG = re.compile(r"^global_step(\d+)_universal$")  # flava_ds.train.elastic's conversions
 # Globals beyond torch's weights_only set that DeepSpeed checkpoints and our client state (numpy RNG state) contain,
 # listed from ZeRO 0-3 fp32/bf16 checkpoints (fp16 pickles its DynamicLossScaler the same way): plain DeepSpeed data
 # classes and numpy's array reconstruction.
@@ -59,9 +61,10 @@ class UntrustedCheckpointError(RuntimeError):
 def check_pickles(directory: str | Path, extra_trusted: Iterable[str] = ()) -> None:
     """Refuse `directory` if any of its `.pt` files would import a global outside TRUSTED_GLOBALS.
 
-    Only the pickle's opcodes are read (torch's own scanner): nothing is imported or executed."""
+    Only the pickle's opcodes are read (torch's own scanner): nothing is imported or executed. Sub-directories
+    too: a universal checkpoint keeps one folder of files per parameter."""
     trusted = TRUSTED_GLOBALS | set(extra_trusted)
-    for path in sorted(Path(directory).glob("*.pt")):
+    for path in sorted(Path(directory).rglob("*.pt")):
         try:
             found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception as err:  # not a torch zip file at all: DeepSpeed would unpickle it raw
@@ -82,8 +85,9 @@ def checkpoint_dir(directory: str | Path, tag: str) -> Path:
 
     DeepSpeed finds a checkpoint's files with `glob` under `directory/tag`, while a scan reads the literal
     path: a `latest` holding `evi[l]` would send DeepSpeed to the unscanned files of `evil/`. Tags are
-    therefore only ever `global_step<N>`, and the directory may hold no glob pattern characters."""
-    if not _TAG.match(tag):
+    therefore only ever `global_step<N>` (or its universal conversion `global_step<N>_universal`), and the
+    directory may hold no glob pattern characters."""
+    if not (_TAG.match(tag) or _UNIVERSAL_TAG.match(tag)):
         raise UntrustedCheckpointError(
             f"{directory}: checkpoint tag {tag!r} (from '{LATEST}' or --tag) is not global_step<N>; refusing it. "
             f"Fix '{LATEST}' to name one of the global_step<N> directories."
@@ -133,6 +137,10 @@ def prune(save_dir: Path, keep_last: int) -> None:
     for step, path in tags:  # partial saves newer than `latest` are leftovers of a killed run
         if latest_step is not None and step > latest_step:
             shutil.rmtree(path, ignore_errors=True)
+    kept = {path.name for _, path in tags if path.is_dir()}
+    for path in save_dir.iterdir():  # conversions of checkpoints that are gone
+        if (m := _UNIVERSAL_TAG.match(path.name)) and tag_for(int(m.group(1))) not in kept:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def rng_state() -> dict[str, Any]:
@@ -150,15 +158,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, save_dir: str | Path, step: int, client_state: dict[str, Any], keep_last: int) -> Path:
+def save(
+    engine,
+    save_dir: str | Path,
+    step: int,
+    client_state: dict[str, Any],
+    keep_last: int,
+    json_files: dict[str, Any],
+) -> Path:
+    """DeepSpeed's files, then (global rank 0) `json_files` beside them (name -> content: what tools read
+    without unpickling, e.g. the model config), then `latest`."""
     save_dir = Path(save_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
     dist.barrier()
     if FAULTS.save_delay_s:  # fault injection: hold the window between the files and `latest`
         time.sleep(FAULTS.save_delay_s)
-    if dist.get_rank() == 0:  # the model config as JSON, so exporting needs no unpickling
-        (save_dir / tag / MODEL_CONFIG).write_text(json.dumps(client_state["flava_config"], indent=2))
+    if dist.get_rank() == 0:
+        for name, content in json_files.items():
+            (save_dir / tag / name).write_text(json.dumps(content, indent=2))
         publish_latest(save_dir, tag)
         prune(save_dir, keep_last)
     dist.barrier()
@@ -166,11 +184,15 @@ def save(engine, save_dir: str | Path, step: int, client_state: dict[str, Any], 
 
 
 def load(engine, load_dir: str | Path, trusted_globals: Iterable[str] = ()) -> dict[str, Any] | None:
-    """Resume from `latest` in `load_dir`; None when there is nothing to resume from."""
+    """Resume from `latest` in `load_dir` (its universal conversion when the engine loads universal
+    checkpoints: `flava_ds.train.elastic`); None when there is nothing to resume from."""
     tag = verified_checkpoint(load_dir, extra_trusted=trusted_globals)
     if tag is None:
         return None
-    path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
+    if engine.load_universal_checkpoint():
+        tag = verified_checkpoint(load_dir, universal_tag(tag), trusted_globals)
+    with universal_load_repairs(engine):
+        path, client_state = engine.load_checkpoint(str(load_dir), tag=tag)
     if path is None:
         raise RuntimeError(f"{load_dir}/{tag}: DeepSpeed could not load this checkpoint")
     return client_state

@@ -133,6 +133,9 @@ class TrainSection:
     # connections), so every rank ends instead of waiting forever; it must exceed the slowest checkpoint save
     collective_timeout_s: float = bounded(900.0, low=0.0, open="low")
     max_nonfinite_steps: int = bounded(5, low=1)  # this many skipped updates in a row stop the run
+    # under gradient accumulation, the contrastive loss of an image-text step scores against the whole global
+    # batch (GradCache: one extra forward of the unmasked views, without gradient); false: against the micro-batch
+    contrastive_cache: bool = True
     stop_deadline_s: float = bounded(
         120.0, low=0.0, open="low"
     )  # after SIGTERM/SIGUSR1: checkpoint and exit within this

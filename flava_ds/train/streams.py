@@ -1,9 +1,9 @@
 """The training data of a run: one resumable stream per batch kind and the task mixer that picks between them.
 
 Optimizer step s of the run trains the task `mixer.task_for_step(s)` on every rank and micro-step; that stream's
-sampler hands this rank its share of the stream's next global batch (micro x data-parallel size)
-and moves on only when the trainer calls `advance(task)`. The whole position is
-`state_dict()`, saved in every checkpoint.
+sampler hands this rank its share of the stream's next micro-step (micro x data-parallel size; a step's
+`accumulation` micro-steps make its global batch) and moves on only when the trainer calls `advance(task)`.
+The whole position is `state_dict()`, saved in every checkpoint.
 
 Every dataset is wrapped in `TolerantDataset` (a sample that fails to decode is replaced and counted; each
 batch carries the count as `bad_samples`), and loader workers and their fork server ignore SIGTERM/SIGUSR1:
@@ -159,6 +159,7 @@ class TrainStreams:
         micro_batch: int,
         dp_rank: int,
         dp_size: int,
+        accumulation: int = 1,
     ):
         self.mixer = TaskMixer({k: v for k, v in data.task_ratios.items() if v > 0}, seed=data.seed)
         self.streams: dict[str, Stream] = {}
@@ -167,7 +168,9 @@ class TrainStreams:
             collate = CountingCollate(self._collator(task, datasets[0], data, tokenizer))
             datasets = [TolerantDataset(d, f"{task} {p}") for d, p in zip(datasets, getattr(data, task).paths)]
             dataset, source = self._blend(datasets, getattr(data, task), data.seed)
-            sampler = ResumableDistributedSampler(source, micro_batch, dp_rank=dp_rank, dp_size=dp_size, seed=data.seed)
+            sampler = ResumableDistributedSampler(
+                source, micro_batch, dp_rank=dp_rank, dp_size=dp_size, accumulation=accumulation, seed=data.seed
+            )
             self.streams[task] = Stream(dataset, collate, sampler, data.num_workers)
         self.position = DataPosition(self.mixer, {t: s.sampler for t, s in self.streams.items()})
         self.wait_seconds = 0.0  # time the trainer spent blocked on data

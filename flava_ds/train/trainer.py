@@ -4,8 +4,9 @@ One optimizer step = `gradient_accumulation_steps` micro-steps, all of one batch
 `streams.task(s)` on every rank and micro-step (the paper's "in each training iteration one dataset is chosen"),
 so accumulation does not change which kinds a step mixes. Every loss term of a step is a mean over the targets of
 the whole global batch (all data-parallel ranks x all micro-steps; `Trainer._loss_normalizers`), so the loss and
-the update do not depend on how the global batch is cut over ranks and micro-steps (except the contrastive
-term's columns under accumulation, which span one micro-batch). Per-step losses, the means over micro-steps and
+the update do not depend on how the global batch is cut over ranks and micro-steps; under accumulation the
+contrastive term scores against the columns of all micro-batches of the step (`ContrastiveCache`, computed
+before the micro-steps without gradient; `train.contrastive_cache`). Per-step losses, the means over micro-steps and
 ranks of the micro-steps' losses, are then the global batch's losses; they go to the metrics file, and every log
 interval TensorBoard gets each loss term per batch kind, lr, grad norm, logit scale, loss scale, throughput,
 TFLOP/s, MFU, data wait, memory, skipped updates and bad samples. What survives kills, signals, bad data and
@@ -20,6 +21,7 @@ import os
 import resource
 import time
 from collections import defaultdict
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,8 @@ import torch.distributed as dist
 from flava_ds.data.tokenizer import Tokenizer
 from flava_ds.data.tolerant import BAD_SAMPLES
 from flava_ds.model import LOSS_NAMES, FlavaConfig, FlavaForPreTraining
+from flava_ds.model.contrastive import ContrastiveCache
+from flava_ds.model.flava import ForwardPlan, PretrainingBatch, matched_rows
 from flava_ds.parallel.state import (
     DeepSpeedMPU,
     data_parallel_group,
@@ -40,6 +44,7 @@ from flava_ds.parallel.state import (
 )
 from flava_ds.train import checkpoint
 from flava_ds.train.config import RunConfig, model_config_of
+from flava_ds.train.elastic import TOPOLOGY, Topology
 from flava_ds.train.faults import FAULTS, log_samples
 from flava_ds.train.flops import batch_flops, batch_tokens, peak_tflops
 from flava_ds.train.init import initialize_from_checkpoints
@@ -132,7 +137,7 @@ class Trainer:
         tokenizer = Tokenizer.from_file(config.data.tokenizer) if config.data.tokenizer else None
         self.tokenizer = tokenizer
         self.streams = TrainStreams(
-            config.data, tokenizer, self.model_config.image.image_size, micro, self.dp_rank, self.dp_size
+            config.data, tokenizer, self.model_config.image.image_size, micro, self.dp_rank, self.dp_size, accum
         )  # opens and checks every shard before the model
 
         set_seed(config.train.seed)  # every rank builds the same full weights (TP ranks keep their slices)
@@ -154,6 +159,7 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
         )
         self.zero_stage = self.engine.zero_optimization_stage()
+        self.topology = Topology(self.dp_size, tp, micro, accum, self.zero_stage)
         skip_single_rank_allreduce(self.engine, self.dp_size)
         self.fp16 = self.engine.fp16_enabled()
         # DeepSpeed skips a non-finite update itself with ZeRO-1/2 (any precision) and fp16 (any stage)
@@ -194,8 +200,14 @@ class Trainer:
         }
 
     def save(self) -> None:
+        sidecars = {checkpoint.MODEL_CONFIG: self.model_config.to_dict(), TOPOLOGY: asdict(self.topology)}
         path = checkpoint.save(
-            self.engine, self.config.checkpoint.save, self.step, self.client_state(), self.config.checkpoint.keep_last
+            self.engine,
+            self.config.checkpoint.save,
+            self.step,
+            self.client_state(),
+            self.config.checkpoint.keep_last,
+            sidecars,
         )
         log.info("saved checkpoint %s", path)
 
@@ -269,9 +281,12 @@ class Trainer:
         batches = [self.streams.next_batch(task) for _ in range(self.accum)]  # small; their activations are not
         self._bad_local += sum(int(batch.pop(BAD_SAMPLES)) for batch in batches)
         normalizers = self._loss_normalizers(batches)
+        cache = self._contrastive_cache(batches)
         for micro, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            out = self.engine(**batch, loss_normalizers=normalizers)
+            out = self.engine(
+                **batch, loss_normalizers=normalizers, contrastive_cache=cache.at(micro) if cache else None
+            )
             if FAULTS.nan_steps and self.step + 1 in FAULTS.nan_steps:
                 out.loss = out.loss * float("nan")
             finite = torch.tensor([float(torch.isfinite(out.loss).item())])
@@ -329,6 +344,28 @@ class Trainer:
         dist.all_reduce(counts, group=data_parallel_group())
         share = self.dp_size * self.accum
         return {name: max(total, 1.0) / share for name, total in zip(LOSS_NAMES, counts.tolist())}
+
+    def _contrastive_cache(self, batches: list[dict[str, torch.Tensor]]) -> ContrastiveCache | None:
+        """Under accumulation, an image-text step's contrastive embeddings of every micro-batch on every rank
+        (one forward of the unmasked views per micro-batch, without gradient), so each micro-step scores against
+        the whole global batch; None where a micro-batch already sees all of it or nothing is contrastive."""
+        module = self.engine.module
+        if self.accum == 1 or not self.config.train.contrastive_cache:
+            return None
+        if not ForwardPlan.of(module.config, PretrainingBatch.from_inputs(batches[0])).contrastive:
+            return None
+        images, texts, rows = [], [], []
+        with torch.no_grad():
+            for batch in batches:
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                image, text = module.contrastive_embeddings(batch)
+                matched = matched_rows(batch.get("itm_labels"), fallback=False)
+                if matched is None:  # no ITM labels: every pair is matched
+                    matched = torch.ones(len(image), dtype=torch.bool, device=image.device)
+                images.append(image)
+                texts.append(text)
+                rows.append(matched)
+        return ContrastiveCache.gather(images, texts, rows)
 
     def _clear_stale_zero3_gradients(self) -> None:
         """ZeRO-3 keeps each parameter's reduced gradient partition until that parameter gets a new one, so a
