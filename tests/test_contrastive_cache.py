@@ -7,9 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flava_ds.model import LOSS_NAMES, FlavaConfig, FlavaForPreTraining
-from flava_ds.model.contrastive import ContrastiveCache
-from flava_ds.model.flava import matched_rows
+from flava_ds.model import FlavaConfig, FlavaForPreTraining
 from tests.model_inputs import make_batches
 
 GLOBAL, ACCUM = 8, 4
@@ -24,24 +22,11 @@ def _model_and_batch() -> tuple[FlavaForPreTraining, dict[str, torch.Tensor]]:
     return model, batch
 
 
-def _normalizers(model, micro_batches: list[dict], share: int) -> dict[str, float]:
-    counts = {name: 0.0 for name in LOSS_NAMES}
-    for batch in micro_batches:
-        for name, count in model.target_counts(batch).items():
-            counts[name] += float(count)
-    return {name: max(total, 1.0) / share for name, total in counts.items()}
-
-
 def _step(model, micro_batches: list[dict], cached: bool) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """(each loss term of the step, the gradients) as the trainer computes them: micro-step losses / accumulation."""
     model.zero_grad()
-    normalizers = _normalizers(model, micro_batches, len(micro_batches))
-    cache = None
-    if cached:
-        with torch.no_grad():
-            embeddings = [model.contrastive_embeddings(b) for b in micro_batches]
-        rows = [matched_rows(b["itm_labels"], fallback=False) for b in micro_batches]
-        cache = ContrastiveCache.gather([e[0] for e in embeddings], [e[1] for e in embeddings], rows)
+    normalizers = model.loss_normalizers(micro_batches)
+    cache = model.contrastive_cache(micro_batches) if cached else None
     terms: dict[str, float] = {}
     for m, batch in enumerate(micro_batches):
         out = model(**batch, loss_normalizers=normalizers, contrastive_cache=cache.at(m) if cache else None)

@@ -3,11 +3,16 @@
 
   python tools/bench_model.py                      # CPU fp32, `full` shapes, image-text batch of 4
   python tools/bench_model.py --preset small --batch 8 --kind image --repeats 5
+  python tools/bench_model.py --accumulation 4     # the contrastive cache's cost: batch 4 as 4 micro-steps of 1
 
 Both models run in this process, alternating, on identical weights (ours exported to a transformers
 directory and loaded back) and identical inputs; the figure is the median over --repeats runs after a
 warm-up. Peak memory on CPU is the resident-set growth of one step, each model in a fresh process; on CUDA it is
 torch.cuda.max_memory_allocated. transformers' FLAVA runs its own eager attention.
+
+With --accumulation A the contenders are flava_ds's ways of running one optimizer step over the same batch as the
+trainer does (global-batch loss normalisers): one pass, A micro-steps with the contrastive cache (the default
+under accumulation: the whole batch's contrastive loss and gradient), and A micro-steps without it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -58,26 +65,41 @@ def step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
     return loss.item()
 
 
-def timed(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: str) -> float:
+def accumulated_step(model: FlavaForPreTraining, batch: dict[str, torch.Tensor], accumulation: int, cached: bool):
+    """One optimizer step over `batch` cut into `accumulation` micro-batches, as the trainer runs it: global-batch
+    normalisers, micro-step losses / accumulation, and the contrastive cache when `cached`."""
+    model.zero_grad(set_to_none=True)
+    micro = [{k: v.chunk(accumulation)[i] for k, v in batch.items()} for i in range(accumulation)]
+    normalizers = model.loss_normalizers(micro)
+    cache = model.contrastive_cache(micro) if cached else None
+    total = 0.0
+    for m, inputs in enumerate(micro):
+        out = model(**inputs, loss_normalizers=normalizers, contrastive_cache=cache.at(m) if cache else None)
+        (out.loss / accumulation).backward()
+        total += out.loss.item() / accumulation
+    return total
+
+
+def timed(run: Callable[[], float], device: str) -> float:
     if device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    step(model, batch)
+    run()
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
 
-def peak_step_memory_mib(model: torch.nn.Module, batch: dict[str, torch.Tensor], device: str) -> float:
+def peak_step_memory_mib(run: Callable[[], float], device: str) -> float:
     """Memory one training step adds on top of the weights (CPU: peak RSS growth of this process)."""
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step(model, batch)
+        run()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     Path("/proc/self/clear_refs").write_text("5")  # Linux: reset the peak RSS (VmHWM) to the current RSS
     before = _proc_status_kib("VmRSS")
-    step(model, batch)
+    run()
     return (_proc_status_kib("VmHWM") - before) / 1024
 
 
@@ -107,7 +129,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="FlavaConfig.compile: torch.compile our blocks")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--memory-of", choices=["flava_ds", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--accumulation", type=int, default=1, help="compare flava_ds's ways to accumulate instead")
+    parser.add_argument("--memory-of", help=argparse.SUPPRESS)
     argv = sys.argv[1:]
     args = parser.parse_args(argv)
 
@@ -117,6 +140,9 @@ def main() -> None:
     cfg = FlavaConfig.preset(args.preset, attn_impl=args.attn_impl, compile=args.compile)
     batch = make_batch(cfg, args.kind, args.batch, args.seq_len, args.device)
     clone = lambda: {k: v.clone() for k, v in batch.items()}  # transformers edits mim_labels in place
+    if args.accumulation > 1:
+        accumulation_table(args, argv, cfg, batch)
+        return
     if args.memory_of:  # only one model in this process, built directly: loading would raise the RSS peak
         if args.memory_of == "flava_ds":
             model = FlavaForPreTraining(cfg)
@@ -125,7 +151,7 @@ def main() -> None:
         model = model.to(args.device).train()
         if args.compile:  # compiling is not the step's memory
             step(model, clone())
-        print(peak_step_memory_mib(model, clone(), args.device))
+        print(peak_step_memory_mib(lambda: step(model, clone()), args.device))
         return
 
     ours = FlavaForPreTraining(cfg)
@@ -138,12 +164,12 @@ def main() -> None:
     loss_ours, loss_theirs = step(ours, batch), step(theirs, clone())  # warm-up, and a parity check
     times: dict[str, list[float]] = {"flava_ds": [], "transformers": []}
     for _ in range(args.repeats):
-        times["flava_ds"].append(timed(ours, batch, args.device))
-        times["transformers"].append(timed(theirs, clone(), args.device))
+        times["flava_ds"].append(timed(lambda: step(ours, batch), args.device))
+        times["transformers"].append(timed(lambda: step(theirs, clone()), args.device))
     if args.device == "cuda":
         mem = {
-            "flava_ds": peak_step_memory_mib(ours, batch, args.device),
-            "transformers": peak_step_memory_mib(theirs, clone(), args.device),
+            "flava_ds": peak_step_memory_mib(lambda: step(ours, batch), args.device),
+            "transformers": peak_step_memory_mib(lambda: step(theirs, clone()), args.device),
         }
     else:
         mem = {name: memory_in_fresh_process(name, argv) for name in times}
@@ -162,6 +188,46 @@ def main() -> None:
         f"ratio flava_ds/transformers: time {med['flava_ds'] / med['transformers']:.3f}x, "
         f"peak memory {mem['flava_ds'] / mem['transformers']:.3f}x"
     )
+
+
+def accumulation_table(args: argparse.Namespace, argv: list[str], cfg: FlavaConfig, batch: dict) -> None:
+    """One pass vs --accumulation micro-steps with and without the contrastive cache, same batch and weights."""
+    A = args.accumulation
+    if args.batch % A:
+        raise SystemExit(f"--batch {args.batch} is not a multiple of --accumulation {A}")
+    ways = {
+        "one_pass": dict(accumulation=1, cached=False),
+        "cache": dict(accumulation=A, cached=True),
+        "no_cache": dict(accumulation=A, cached=False),
+    }
+    model = FlavaForPreTraining(cfg).to(args.device).train()
+    runs = {name: partial(accumulated_step, model, batch, **way) for name, way in ways.items()}
+    if args.memory_of:  # one way in this process
+        print(peak_step_memory_mib(runs[args.memory_of], args.device))
+        return
+    losses = {name: run() for name, run in runs.items()}  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):  # interleaved, so machine load hits every way alike
+        for name, run in runs.items():
+            times[name].append(timed(run, args.device))
+    if args.device == "cuda":
+        mem = {name: peak_step_memory_mib(run, args.device) for name, run in runs.items()}
+    else:
+        mem = {name: memory_in_fresh_process(name, argv) for name in runs}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"preset={args.preset} kind={args.kind} batch={args.batch} accumulation={A} seq_len={args.seq_len} "
+        f"device={args.device} fp32 threads={torch.get_num_threads()} repeats={args.repeats}"
+    )
+    print(f"{'way':<10}{'loss':>12}{'step median s':>16}{'all runs':>30}{'peak MiB':>12}")
+    for name in runs:
+        all_runs = " ".join(f"{t:.2f}" for t in times[name])
+        print(f"{name:<10}{losses[name]:>12.6f}{med[name]:>16.3f}{all_runs:>30}{mem[name]:>12.0f}")
+    for name in ("cache", "no_cache"):
+        print(
+            f"ratio {name}/one_pass: time {med[name] / med['one_pass']:.3f}x, "
+            f"peak memory {mem[name] / mem['one_pass']:.3f}x"
+        )
 
 
 if __name__ == "__main__":

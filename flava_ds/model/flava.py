@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -307,11 +308,42 @@ class FlavaForPreTraining(nn.Module):
             self._masked_prediction(out, "mlm", self.mlm_head, text, mlm, self.config.mlm_weight, normalizers)
         return self._finish(out)
 
-    def contrastive_embeddings(self, inputs: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """An image-text batch's (image, text) contrastive embeddings (B, projection_dim) as its training forward
-        computes them, for a `ContrastiveCache` (call without gradient)."""
-        b = PretrainingBatch.from_inputs(inputs)
-        return self.encode_image(b.pixel_values), self.encode_text(b.input_ids, b.attention_mask)
+    def loss_normalizers(
+        self, micro_batches: list[Mapping[str, torch.Tensor]], group: dist.ProcessGroup | None = None
+    ) -> dict[str, float]:
+        """`forward`'s `loss_normalizers` for one optimizer step: per loss term, the step's global target count
+        (`target_counts` over these micro-batches, summed over the ranks of `group`: collective) / (ranks x
+        micro-batches). A trainer dividing each micro-step's loss by the number of micro-batches and averaging
+        gradients over the ranks (as DeepSpeed does) then applies the gradient of (all per-target losses of the
+        step) / (their global count): the same update whatever cut of the global batch the ranks and micro-steps
+        make."""
+        counts = torch.zeros(len(LOSS_NAMES), dtype=torch.float64)
+        for inputs in micro_batches:
+            for name, count in self.target_counts(inputs).items():
+                counts[LOSS_NAMES.index(name)] += float(count)
+        ranks = 1
+        if group is not None and dist.is_initialized():
+            counts = counts.to(self.logit_scale.device)
+            dist.all_reduce(counts, group=group)
+            ranks = dist.get_world_size(group)
+        share = ranks * len(micro_batches)
+        return {name: max(total, 1.0) / share for name, total in zip(LOSS_NAMES, counts.tolist())}
+
+    @torch.no_grad()
+    def contrastive_cache(self, micro_batches: list[Mapping[str, torch.Tensor]]) -> ContrastiveCache | None:
+        """The `ContrastiveCache` of one optimizer step: every micro-batch's contrastive embeddings as its
+        training forward computes them (the unmasked views' CLS, no gradient) and its query rows (matched pairs),
+        gathered over the data-parallel ranks (collective). None for batches without a contrastive term."""
+        if not ForwardPlan.of(self.config, PretrainingBatch.from_inputs(micro_batches[0])).contrastive:
+            return None
+        images, texts, rows = [], [], []
+        for inputs in micro_batches:
+            b = PretrainingBatch.from_inputs(inputs)
+            images.append(self.encode_image(b.pixel_values))
+            texts.append(self.encode_text(b.input_ids, b.attention_mask))
+            matched = matched_rows(b.itm_labels, fallback=False)
+            rows.append(torch.ones(len(images[-1]), dtype=torch.bool) if matched is None else matched)
+        return ContrastiveCache.gather(images, texts, [r.to(images[-1].device) for r in rows])
 
     def _image_text(
         self,

@@ -81,14 +81,12 @@ def needs_universal(checkpoint: Path, run: Topology) -> bool:
             f"{run.tensor_parallel_size}: resume at TP={saved.tensor_parallel_size}, or export it "
             "(tools/convert_checkpoint.py from-deepspeed) and start from the weights with model.init"
         )
-    if saved.zero_stage != run.zero_stage and (saved.zero_stage == 0 or run.zero_stage == 0):
+    if saved.zero_stage != run.zero_stage:
         raise ValueError(
             f"{checkpoint} was written at ZeRO stage {saved.zero_stage}, this run uses stage {run.zero_stage}: "
-            "ZeRO-0 and ZeRO-1/2/3 checkpoints do not convert into each other; resume at the same stage"
+            "resume at the same stage (set zero_optimization.stage in the DeepSpeed config)"
         )
-    return saved.zero_stage > 0 and (
-        saved.data_parallel_size != run.data_parallel_size or saved.zero_stage != run.zero_stage
-    )
+    return saved.zero_stage > 0 and saved.data_parallel_size != run.data_parallel_size
 
 
 def universal_tag(tag: str) -> str:

@@ -2,8 +2,9 @@
 
 Counts matrix multiplies only (2 FLOPs per multiply-add), forward x 3 for forward + backward, as
 Megatron-LM and PaLM's MFU do (x 2 for the patch embedding, whose input needs no gradient); activation
-checkpointing recomputation is not model FLOPs. Only what the model runs is counted: the passes and heads of
-its `ForwardPlan` for the config's loss weights and the batch's inputs.
+checkpointing recomputation is not model FLOPs, nor is the contrastive cache's forward without gradient
+under accumulation (it recomputes embeddings the step's micro-steps compute again). Only what the model runs
+is counted: the passes and heads of its `ForwardPlan` for the config's loss weights and the batch's inputs.
 """
 
 from __future__ import annotations

@@ -33,7 +33,6 @@ from flava_ds.data.tokenizer import Tokenizer
 from flava_ds.data.tolerant import BAD_SAMPLES
 from flava_ds.model import LOSS_NAMES, FlavaConfig, FlavaForPreTraining
 from flava_ds.model.contrastive import ContrastiveCache
-from flava_ds.model.flava import ForwardPlan, PretrainingBatch, matched_rows
 from flava_ds.parallel.state import (
     DeepSpeedMPU,
     data_parallel_group,
@@ -280,7 +279,7 @@ class Trainer:
         task = self.streams.task(self.step)
         batches = [self.streams.next_batch(task) for _ in range(self.accum)]  # small; their activations are not
         self._bad_local += sum(int(batch.pop(BAD_SAMPLES)) for batch in batches)
-        normalizers = self._loss_normalizers(batches)
+        normalizers = self.engine.module.loss_normalizers(batches, data_parallel_group())
         cache = self._contrastive_cache(batches)
         for micro, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -331,41 +330,14 @@ class Trainer:
         dist.all_reduce(loss, group=data_parallel_group())
         return loss.item() / self.dp_size
 
-    def _loss_normalizers(self, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        """Per loss term, the divisor of a micro-step's summed per-target losses: the step's global target count
-        (over micro-steps and data-parallel ranks) / (dp_size * accum). DeepSpeed divides each micro-step's loss
-        by accum (engine.backward) and averages gradients over the data-parallel ranks, so the update is the
-        gradient of (all per-target losses of the step) / (their global count): the same on any cluster shape."""
-        counts = torch.zeros(len(LOSS_NAMES), dtype=torch.float64)
-        for batch in batches:
-            for name, count in self.engine.module.target_counts(batch).items():
-                counts[LOSS_NAMES.index(name)] += float(count)
-        counts = counts.to(self.device)
-        dist.all_reduce(counts, group=data_parallel_group())
-        share = self.dp_size * self.accum
-        return {name: max(total, 1.0) / share for name, total in zip(LOSS_NAMES, counts.tolist())}
-
     def _contrastive_cache(self, batches: list[dict[str, torch.Tensor]]) -> ContrastiveCache | None:
         """Under accumulation, an image-text step's contrastive embeddings of every micro-batch on every rank
         (one forward of the unmasked views per micro-batch, without gradient), so each micro-step scores against
         the whole global batch; None where a micro-batch already sees all of it or nothing is contrastive."""
-        module = self.engine.module
         if self.accum == 1 or not self.config.train.contrastive_cache:
             return None
-        if not ForwardPlan.of(module.config, PretrainingBatch.from_inputs(batches[0])).contrastive:
-            return None
-        images, texts, rows = [], [], []
-        with torch.no_grad():
-            for batch in batches:
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                image, text = module.contrastive_embeddings(batch)
-                matched = matched_rows(batch.get("itm_labels"), fallback=False)
-                if matched is None:  # no ITM labels: every pair is matched
-                    matched = torch.ones(len(image), dtype=torch.bool, device=image.device)
-                images.append(image)
-                texts.append(text)
-                rows.append(matched)
-        return ContrastiveCache.gather(images, texts, rows)
+        on_device = [{k: v.to(self.device, non_blocking=True) for k, v in batch.items()} for batch in batches]
+        return self.engine.module.contrastive_cache(on_device)
 
     def _clear_stale_zero3_gradients(self) -> None:
         """ZeRO-3 keeps each parameter's reduced gradient partition until that parameter gets a new one, so a
