@@ -14,14 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
 from flava_ds.data.arrow_dataset import ArrowShards
 from flava_ds.data.image_text import ImageAugment, ImageTextDataset
 from flava_ds.data.sampler import SampleKey
 from flava_ds.data.tokenizer import Tokenizer
-from flava_ds.train.evaluate import retrieval_recall
 from preprocess import pairs
 from tests.data_fixtures import CODEBOOK, WORDS, make_tokenizer
 
@@ -237,25 +235,6 @@ def test_coco_captions_store_each_image_once_with_all_its_captions(root, tokeniz
     own = {tuple(ids.tolist()) for ids in negatives.captions(4)}
     for epoch in range(10):
         assert tuple(negatives[SampleKey(4, epoch)]["input_ids"].tolist()) not in own
-
-
-def test_coco_retrieval_counts_a_hit_when_any_caption_of_the_image_is_in_the_top_k():
-    # 3 images, captions owned 0,0,1,1,2; image 0's best caption (column 1) is beaten by one other caption
-    owner = torch.tensor([0, 0, 1, 1, 2])
-    sim = torch.tensor(
-        [
-            [0.1, 0.8, 0.9, 0.0, 0.0],
-            [0.0, 0.0, 0.2, 0.9, 0.1],
-            [0.0, 0.0, 0.0, 0.0, 0.5],
-        ]
-    )
-    metrics = retrieval_recall(sim, owner, ks=(1, 2))
-    assert metrics["retrieval/image_to_text_R@1"] == pytest.approx(2 / 3)
-    assert metrics["retrieval/image_to_text_R@2"] == 1.0
-    # caption queries: 0 -> images ranked [0 .1, 1 0, 2 0] hit; 1 hit; 2 -> image 0 (0.9) beats 1 (0.2): miss;
-    # 3 hit; 4 hit
-    assert metrics["retrieval/text_to_image_R@1"] == pytest.approx(4 / 5)
-    assert metrics["retrieval/text_to_image_R@2"] == 1.0
 
 
 def test_a_headerless_tsv_is_refused_until_its_columns_are_named(root, tokenizer, tmp_path):

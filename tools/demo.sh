@@ -14,14 +14,14 @@ rm -rf "$OUT"  # every demo run starts fresh (the tools themselves resume; the d
 mkdir -p "$OUT"
 step() { echo; echo "==> $*"; }
 
-step "1/6 demo data from installed packages (scikit-learn digits, Python docs) -> $RAW"
+step "1/7 demo data from installed packages (scikit-learn digits, Python docs) -> $RAW"
 $PY tools/make_demo_data.py --output "$RAW" ${DEMO_LIMIT:+--limit "$DEMO_LIMIT"}
 
-step "2/6 WordPiece tokenizer -> $OUT/tokenizer.json"
+step "2/7 WordPiece tokenizer -> $OUT/tokenizer.json"
 $PY tools/train_tokenizer.py --type wordpiece --vocab-size 2048 --input "$RAW/tokenizer_corpus.jsonl" \
   --output "$OUT/tokenizer.json"
 
-step "3/6 preprocessing: image-text pairs, image folders, text corpus (dVAE tokens precomputed)"
+step "3/7 preprocessing: image-text pairs, image folders, text corpus (dVAE tokens precomputed)"
 COMMON=(--tokenizer "$OUT/tokenizer.json" --codebook random:0:tiny --image-size 80 --workers 2)
 for split in train heldout; do
   $PY -m preprocess.pairs --input "$RAW/pairs_$split.jsonl" --image-root "$RAW" --output "$SHARDS/pairs_$split" \
@@ -34,7 +34,7 @@ for split in train heldout; do
     --tokenizer "$OUT/tokenizer.json" --workers 2
 done
 
-step "4/6 pretraining with DeepSpeed ZeRO-2"
+step "4/7 pretraining with DeepSpeed ZeRO-2"
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   NGPU=$(nvidia-smi -L | wc -l); PRECISION=(); DEVICE="$NGPU GPU(s), bf16"
 else
@@ -58,9 +58,16 @@ if [ "$(grep -c "flava_ds: training complete" "$OUT/train.log")" -ne "$NGPU" ]; 
   exit 1
 fi
 
-step "5/6 export: consolidated fp32 safetensors + a transformers directory"
+step "5/7 export: consolidated fp32 safetensors + a transformers directory"
 $PY tools/convert_checkpoint.py from-deepspeed --input "$OUT/checkpoints" --output "$OUT/export"
 $PY tools/convert_checkpoint.py to-hf --input "$OUT/export" --output "$OUT/export_hf"
 
-step "6/6 summary"
+step "6/7 summary"
 $PY tools/demo_summary.py --metrics "$OUT/metrics.jsonl" --out-dir "$OUT"
+
+step "7/7 evaluation of the export (tools/evaluate.py, the in-training evaluation's settings)"
+$PY tools/evaluate.py --model "$OUT/export" --tokenizer "$OUT/tokenizer.json" \
+  --run-config "$OUT/checkpoints/$(cat "$OUT/checkpoints/latest")/run_config.json" \
+  --zero-shot "$SHARDS/images_heldout" --retrieval "$SHARDS/pairs_heldout" --text "$SHARDS/text_heldout" \
+  --probe-train "$SHARDS/images_train" --probe-val "$SHARDS/images_heldout" \
+  --json "$OUT/eval.json" --tensorboard-dir "$OUT/tensorboard" --step "$(cat "$OUT/checkpoints/latest" | tr -dc 0-9)"

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         first, last = evals[0]["eval"], evals[-1]["eval"]
         print(f"\nheld-out evaluation at step {evals[-1]['step']}{'':<8}{'result':>10}{'reference':>12}")
         rows = [
-            ("zero-shot digit accuracy", "zero_shot/accuracy", "zero_shot/chance", "chance"),
+            ("zero-shot digit accuracy", "zero_shot/top1", "zero_shot/chance", "chance"),
             ("image->text retrieval R@1", "retrieval/image_to_text_R@1", "retrieval/chance_R@1", "chance"),
             ("text->image retrieval R@1", "retrieval/text_to_image_R@1", "retrieval/chance_R@1", "chance"),
             ("ITM accuracy", "itm_accuracy", None, "chance 0.5"),
@@ -61,11 +61,11 @@ def main(argv: list[str] | None = None) -> None:
             if key in last:
                 ref = f"{last[ref_key]:.3f} {ref_name}" if ref_key in last else ref_name
                 print(f"{label:<34}{last[key]:>10.3f}   {ref}")
-        if "zero_shot/accuracy" in last:
-            ratio = last["zero_shot/accuracy"] / last["zero_shot/chance"]
+        if "zero_shot/top1" in last:
+            ratio = last["zero_shot/top1"] / last["zero_shot/chance"]
             print(
                 f"\nzero-shot accuracy is {ratio:.1f}x chance "
-                f"(first evaluation: {first.get('zero_shot/accuracy', float('nan')):.3f})"
+                f"(first evaluation: {first.get('zero_shot/top1', float('nan')):.3f})"
             )
     throughput = logs[-1]["log"].get("throughput/samples_per_s")
     if throughput is not None:

@@ -33,6 +33,7 @@ from flava_ds.train.faults import FAULTS
 
 LATEST = "latest"
 MODEL_CONFIG = "flava_config.json"
+RUN_CONFIG = "run_config.json"
 _TAG = re.compile(r"^global_step(\d+)$")
 _UNIVERSAL_TAG = re.compile(r"^global_step(\d+)_universal$")  # flava_ds.train.elastic's conversions
 # Globals beyond torch's weights_only set that DeepSpeed checkpoints and our client state (numpy RNG state) contain,

@@ -1,6 +1,8 @@
-"""Held-out evaluation: zero-shot image<->text retrieval R@1/5/10, zero-shot classification with caption
-prompts, ITM accuracy, and MLM / MIM accuracy. Every rank runs the same evaluation (ZeRO-3 and tensor
-parallelism need all ranks in each forward); rank 0 logs the result.
+"""Held-out evaluation: zero-shot image<->text retrieval R@1/5/10 (the multi-caption COCO/Flickr protocol),
+zero-shot classification with prompt-template ensembles (top-1/top-5), ITM accuracy, MLM / MIM accuracy and the
+linear probe. The in-training evaluation (`evaluate`, every rank runs it: ZeRO-3 and tensor parallelism need all
+ranks in each forward; rank 0 logs) and `tools/evaluate.py` (a checkpoint or export on its own) call the same
+functions.
 """
 
 from __future__ import annotations
@@ -21,6 +23,43 @@ from flava_ds.parallel.layers import gather_vocab_logits
 from flava_ds.train.config import RunConfig
 
 EVAL_SEED = 2024  # fixed crops, masks and ITM negatives: the same held-out batches at every evaluation
+# Prompt templates for zero-shot classification; "ensemble" is the 7-template subset CLIP selected for ImageNet
+TEMPLATE_SETS = {
+    "simple": ["a photo of a {}."],
+    "ensemble": [
+        "itap of a {}.",
+        "a bad photo of the {}.",
+        "a origami {}.",
+        "a photo of the large {}.",
+        "a {} in a video game.",
+        "art of the {}.",
+        "a photo of the small {}.",
+    ],
+}
+
+
+def load_templates(spec: str) -> list[str]:
+    """A built-in set by name (TEMPLATE_SETS) or a file with one template per line, each with `{}`."""
+    if spec in TEMPLATE_SETS:
+        return TEMPLATE_SETS[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"--templates {spec}: neither a built-in set ({sorted(TEMPLATE_SETS)}) nor a file")
+    templates = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    bad = [(n, t) for n, t in enumerate(templates, start=1) if "{}" not in t]
+    if not templates or bad:
+        raise ValueError(f"{path}: every template needs '{{}}' where the class name goes; line {bad[:1] or 'none'}")
+    return templates
+
+
+def load_class_names(spec: str) -> list[str]:
+    """Class names in label order: a JSON list or {name: label} object, or lines `label<TAB>name`."""
+    text = Path(spec).read_text()
+    if spec.endswith(".json"):
+        raw = json.loads(text)
+        return list(raw) if isinstance(raw, list) else sorted(raw, key=raw.get)
+    rows = [line.split("\t", 1) for line in text.splitlines() if line.strip()]
+    return [name.strip() for _, name in sorted(rows, key=lambda row: int(row[0]))]
 
 
 def _batches(dataset, collate, count: int, batch_size: int):
@@ -115,71 +154,139 @@ def masked_accuracy(model: FlavaForPreTraining, batches, device: torch.device, h
 
 
 @torch.no_grad()
+def class_embeddings(
+    model: FlavaForPreTraining, tokenizer: Tokenizer, names: list[str], templates: list[str], device: torch.device
+) -> torch.Tensor:
+    """(classes, D): per class, the mean of its L2-normalised template embeddings, normalised again (CLIP's
+    prompt ensembling)."""
+    class_emb = []
+    for name in names:
+        texts = [t.format(name.replace("_", " ")) for t in templates]
+        ids = [torch.tensor(tokenizer.encode(t, max_length=model.config.text.max_position_embeddings)) for t in texts]
+        input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_id).to(device)
+        emb = model.encode_text(input_ids, (input_ids != tokenizer.pad_id).long())  # (templates, D), normalised
+        class_emb.append(F.normalize(emb.mean(0), dim=-1))
+    return torch.stack(class_emb)
+
+
+def labelled_images(directory: str, crop: int, count: int) -> tuple[ImageDataset, torch.Tensor]:
+    """The first `count` images of a labelled image shard set (eval crops) and their labels."""
+    dataset = ImageDataset(directory, ImageAugment(crop_size=crop, flip=False), seed=EVAL_SEED)
+    count = min(count, len(dataset))
+    return dataset, torch.tensor([int(dataset.shards.row(i, ("label",))["label"]) for i in range(count)])
+
+
+def class_names_of(directory: str) -> list[str]:
+    """Class names in label order from a shard set's `classes.json` ({name: label})."""
+    classes = json.loads((Path(directory) / "classes.json").read_text())
+    return sorted(classes, key=classes.get)
+
+
+@torch.no_grad()
 def zero_shot_classification(
     model: FlavaForPreTraining,
     directory: str,
     tokenizer: Tokenizer,
-    prompts: list[str],
+    templates: list[str],
     crop: int,
     count: int,
     batch_size: int,
     device: torch.device,
+    names: list[str] | None = None,
 ) -> dict[str, float]:
-    """Classify each image by the nearest class embedding (prompt embeddings averaged per class)."""
-    classes_path = Path(directory) / "classes.json"
-    classes = json.loads(classes_path.read_text())
-    names = sorted(classes, key=classes.get)
-    class_emb = []
-    for name in names:
-        texts = [p.format(name.replace("_", " ")) for p in prompts]
-        ids = [torch.tensor(tokenizer.encode(t, max_length=model.config.text.max_position_embeddings)) for t in texts]
-        input_ids = torch.nn.utils.rnn.pad_sequence(ids, batch_first=True, padding_value=tokenizer.pad_id).to(device)
-        emb = model.encode_text(input_ids, (input_ids != tokenizer.pad_id).long())
-        class_emb.append(F.normalize(emb.mean(0), dim=-1))
-    class_emb = torch.stack(class_emb)
-    dataset = ImageDataset(directory, ImageAugment(crop_size=crop, flip=False), seed=EVAL_SEED)
-    count = min(count, len(dataset))
-    labels = torch.tensor([int(dataset.shards.row(i, ("label",))["label"]) for i in range(count)], device=device)
-    predictions = []
-    for batch in _batches(dataset, collate_image, count, batch_size):
-        predictions.append((model.encode_image(batch["pixel_values"].to(device)) @ class_emb.t()).argmax(-1))
-    accuracy = float((torch.cat(predictions) == labels).float().mean())
-    majority = float(np.bincount(labels.cpu().numpy()).max() / count)
-    return {"zero_shot/accuracy": accuracy, "zero_shot/chance": 1.0 / len(names), "zero_shot/majority": majority}
+    """Classify each image by the nearest class embedding (`class_embeddings`); top-1 and top-5 accuracy.
+    `names` (label order) replaces the shard set's classes.json, e.g. readable names for WordNet ids."""
+    names = names or class_names_of(directory)
+    class_emb = class_embeddings(model, tokenizer, names, templates, device)
+    dataset, labels = labelled_images(directory, crop, count)
+    if int(labels.max()) >= len(names):
+        raise ValueError(f"{directory}: label {int(labels.max())} but only {len(names)} class names")
+    scores = torch.cat(
+        [
+            model.encode_image(batch["pixel_values"].to(device)).float() @ class_emb.float().t()
+            for batch in _batches(dataset, collate_image, len(labels), batch_size)
+        ]
+    ).cpu()  # (N, classes)
+    top = scores.topk(min(5, len(names)), dim=-1).indices
+    hits = top == labels[:, None]
+    return {
+        "zero_shot/top1": float(hits[:, 0].float().mean()),
+        "zero_shot/top5": float(hits.any(-1).float().mean()),
+        "zero_shot/chance": 1.0 / len(names),
+        "zero_shot/majority": float(np.bincount(labels.numpy()).max() / len(labels)),
+    }
+
+
+def linear_probe_metrics(
+    model: FlavaForPreTraining, train: str, val: str, crop: int, count: int, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    """The linear probe (`flava_ds.train.linear_probe`) on two labelled image shard sets."""
+    from flava_ds.train.linear_probe import image_features, linear_probe
+
+    sets = [labelled_images(directory, crop, count) for directory in (train, val)]
+    features = [image_features(model, _batches(d, collate_image, len(y), batch_size), device) for d, y in sets]
+    classes = max(len(class_names_of(train)), int(max(y.max() for _, y in sets)) + 1)
+    return linear_probe((features[0], sets[0][1]), (features[1], sets[1][1]), classes)
+
+
+def retrieval_metrics(
+    model: FlavaForPreTraining, path: str, tokenizer: Tokenizer, crop: int, count: int, batch_size: int, device
+) -> dict[str, float]:
+    """Retrieval and ITM (`image_text_metrics`) on held-out image-text shards, with eval crops and fixed ITM
+    negatives (half the pairs, when the model has an ITM head)."""
+    negatives = 0.5 if model.config.itm_weight > 0 else 0.0
+    augment = ImageAugment(crop_size=crop, flip=False)
+    dataset = ImageTextDataset(path, tokenizer, augment, seed=EVAL_SEED, itm_negative_prob=negatives)
+    return image_text_metrics(model, dataset, min(count, len(dataset)), batch_size, device)
+
+
+def mim_metrics(model: FlavaForPreTraining, path: str, crop: int, count: int, batch_size: int, device):
+    """MIM accuracy (and the most-frequent-token baseline) on held-out image or image-text shards."""
+    images = ImageDataset(path, ImageAugment(crop_size=crop, flip=False), seed=EVAL_SEED)
+    batches = _batches(images, collate_image, min(count, len(images)), batch_size)
+    accuracy, baseline = masked_accuracy(model, batches, device, "mim")
+    return {"mim_accuracy": accuracy, "mim_baseline": baseline}
+
+
+def mlm_metrics(
+    model: FlavaForPreTraining,
+    path: str,
+    tokenizer: Tokenizer,
+    max_length: int,
+    mlm_prob: float,
+    count: int,
+    batch_size: int,
+    device,
+) -> dict[str, float]:
+    """MLM accuracy (and the most-frequent-token baseline) on held-out text shards, fixed masks."""
+    texts = TextDataset(path, tokenizer, max_length=max_length)
+    batches = _batches(texts, TextCollator(tokenizer, EVAL_SEED, mlm_prob), min(count, len(texts)), batch_size)
+    accuracy, baseline = masked_accuracy(model, batches, device, "mlm")
+    return {"mlm_accuracy": accuracy, "mlm_baseline": baseline}
 
 
 def evaluate(
     model: FlavaForPreTraining, config: RunConfig, tokenizer: Tokenizer | None, device: torch.device
 ) -> dict[str, float]:
+    """The run config's `eval.*` evaluations (what `tools/evaluate.py` runs on a checkpoint, by the same calls)."""
     ev, crop = config.eval, model.config.image.image_size
     was_training = model.training
     model.eval()
     metrics: dict[str, float] = {}
     for path in ev.image_text:
-        dataset = ImageTextDataset(
-            path,
-            tokenizer,
-            ImageAugment(crop_size=crop, flip=False),
-            seed=EVAL_SEED,
-            itm_negative_prob=0.5 if model.config.itm_weight > 0 else 0.0,
-        )
-        count = min(ev.max_samples, len(dataset))
-        metrics.update(image_text_metrics(model, dataset, count, ev.batch_size, device))
+        metrics.update(retrieval_metrics(model, path, tokenizer, crop, ev.max_samples, ev.batch_size, device))
         if model.config.mim_weight > 0:
-            image_set = ImageDataset(path, ImageAugment(crop_size=crop, flip=False), seed=EVAL_SEED)
-            metrics["mim_accuracy"], metrics["mim_baseline"] = masked_accuracy(
-                model, _batches(image_set, collate_image, count, ev.batch_size), device, "mim"
-            )
+            metrics.update(mim_metrics(model, path, crop, ev.max_samples, ev.batch_size, device))
     for path in ev.classification:
         metrics.update(
             zero_shot_classification(model, path, tokenizer, ev.prompts, crop, ev.max_samples, ev.batch_size, device)
         )
     for path in ev.text:
-        dataset = TextDataset(path, tokenizer, max_length=config.data.text_max_length)
-        collate = TextCollator(tokenizer, EVAL_SEED, config.data.mlm_prob)
-        count = min(ev.max_samples, len(dataset))
-        metrics["mlm_accuracy"], metrics["mlm_baseline"] = masked_accuracy(
-            model, _batches(dataset, collate, count, ev.batch_size), device, "mlm"
+        data = config.data
+        metrics.update(
+            mlm_metrics(
+                model, path, tokenizer, data.text_max_length, data.mlm_prob, ev.max_samples, ev.batch_size, device
+            )
         )
     model.train(was_training)
     return metrics

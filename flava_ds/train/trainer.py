@@ -199,7 +199,11 @@ class Trainer:
         }
 
     def save(self) -> None:
-        sidecars = {checkpoint.MODEL_CONFIG: self.model_config.to_dict(), TOPOLOGY: asdict(self.topology)}
+        sidecars = {
+            checkpoint.MODEL_CONFIG: self.model_config.to_dict(),
+            checkpoint.RUN_CONFIG: self.config.to_dict(),  # what tools/evaluate.py --run-config reads
+            TOPOLOGY: asdict(self.topology),
+        }
         path = checkpoint.save(
             self.engine,
             self.config.checkpoint.save,

@@ -1,0 +1,90 @@
+"""Evaluation functions, shared by the in-training evaluation and tools/evaluate.py, against hand computations
+(the whole tool on a trained export runs in tests/test_demo.py, against the in-training numbers)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flava_ds.model import FlavaConfig, FlavaForPreTraining
+from flava_ds.train.evaluate import TEMPLATE_SETS, class_embeddings, load_class_names, load_templates, retrieval_recall
+from flava_ds.train.linear_probe import fit_logistic_regression, linear_probe
+from tests.data_fixtures import make_tokenizer
+from tests.train_fixtures import ROOT
+
+
+def test_coco_retrieval_counts_a_hit_when_any_caption_of_the_image_is_in_the_top_k():
+    # 3 images, captions owned 0,0,1,1,2; image 0's best caption (column 1) is beaten by one other caption
+    owner = torch.tensor([0, 0, 1, 1, 2])
+    sim = torch.tensor(
+        [
+            [0.1, 0.8, 0.9, 0.0, 0.0],
+            [0.0, 0.0, 0.2, 0.9, 0.1],
+            [0.0, 0.0, 0.0, 0.0, 0.5],
+        ]
+    )
+    metrics = retrieval_recall(sim, owner, ks=(1, 2))
+    assert metrics["retrieval/image_to_text_R@1"] == pytest.approx(2 / 3)
+    assert metrics["retrieval/image_to_text_R@2"] == 1.0
+    # caption queries: 0 -> images ranked [0 .1, 1 0, 2 0] hit; 1 hit; 2 -> image 0 (0.9) beats 1 (0.2): miss;
+    # 3 hit; 4 hit
+    assert metrics["retrieval/text_to_image_R@1"] == pytest.approx(4 / 5)
+    assert metrics["retrieval/text_to_image_R@2"] == 1.0
+
+
+def test_template_ensembling_is_the_normalised_mean_of_normalised_prompt_embeddings(tmp_path):
+    from flava_ds.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_file(make_tokenizer(tmp_path))
+    torch.manual_seed(0)
+    model = FlavaForPreTraining(FlavaConfig.preset("tiny")).eval()
+    templates = ["a photo of a {}.", "the {} in a picture", "{}"]
+    names = ["red circle", "blue_square"]
+    got = class_embeddings(model, tokenizer, names, templates, torch.device("cpu"))
+    for row, name in enumerate(names):
+        prompts = [t.format(name.replace("_", " ")) for t in templates]
+        by_hand = []
+        for prompt in prompts:  # one prompt at a time: no padding involved
+            ids = torch.tensor([tokenizer.encode(prompt)])
+            by_hand.append(F.normalize(model.encode_text(ids, torch.ones_like(ids))[0], dim=-1))
+        mean = torch.stack(by_hand).mean(0)
+        torch.testing.assert_close(got[row], mean / mean.norm(), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(got[row], by_hand[0], atol=1e-3)  # the ensemble is not its first prompt
+
+
+def test_templates_and_class_names_load_from_files(tmp_path):
+    assert load_templates("simple") == TEMPLATE_SETS["simple"] and len(load_templates("ensemble")) == 7
+    (tmp_path / "t.txt").write_text("a photo of a {}.\n\nart of the {}.\n")
+    assert load_templates(str(tmp_path / "t.txt")) == ["a photo of a {}.", "art of the {}."]
+    (tmp_path / "bad.txt").write_text("a photo of a {}.\nno slot here\n")
+    with pytest.raises(ValueError, match="line"):
+        load_templates(str(tmp_path / "bad.txt"))
+    (tmp_path / "names.tsv").write_text("1\tgoldfish\n0\ttench\n")
+    assert load_class_names(str(tmp_path / "names.tsv")) == ["tench", "goldfish"]
+    (tmp_path / "names.json").write_text('{"goldfish": 1, "tench": 0}')
+    assert load_class_names(str(tmp_path / "names.json")) == ["tench", "goldfish"]
+
+
+def test_logistic_regression_reaches_its_optimum_and_the_probe_separates_classes():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 8, generator=g) * 3
+    labels = torch.arange(120) % 3
+    features = centres[labels] + torch.randn(120, 8, generator=g)
+    weight, bias = fit_logistic_regression(features, labels, 3, penalty=1e-2)
+    w, b = weight.clone().requires_grad_(), bias.clone().requires_grad_()
+    loss = F.cross_entropy(features.double() @ w.t() + b, labels) + 1e-2 / 2 * w.square().sum()
+    loss.backward()  # the minimum of a strictly convex objective: zero gradient
+    assert w.grad.abs().max() < 1e-5 and b.grad.abs().max() < 1e-5
+    metrics = linear_probe((features[:90], labels[:90]), (features[90:], labels[90:]), 3)
+    assert metrics["linear_probe/top1"] > 0.9 and metrics["linear_probe/majority"] < 0.5
+
+
+def test_the_tool_refuses_an_empty_or_half_probe_request():
+    tool = [sys.executable, str(ROOT / "tools" / "evaluate.py"), "--model", "nowhere"]
+    for extra, message in (([], "nothing to evaluate"), (["--probe-train", "x"], "needs both")):
+        result = subprocess.run([*tool, *extra], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, result.stderr

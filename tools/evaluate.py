@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Evaluate a FLAVA model the way the field does, on its own: a DeepSpeed training checkpoint, a flava_ds export
+or a `transformers` directory (so released FLAVA weights are scored by the same code as ours).
+
+  python tools/evaluate.py --model runs/demo/export --tokenizer runs/demo/tokenizer.json \\
+      --zero-shot shards/images_heldout [--class-names names.tsv] [--templates ensemble|simple|FILE] \\
+      --retrieval shards/pairs_heldout --text shards/text_heldout \\
+      --probe-train shards/images_train --probe-val shards/images_heldout \\
+      [--json metrics.json] [--tensorboard-dir runs/eval --step 1000]
+
+- zero-shot classification (`--zero-shot` labelled image shards with classes.json or `--class-names`): top-1/5
+  against per-class text embeddings averaged over the prompt templates;
+- retrieval (`--retrieval` image-text shards): image<->text R@1/5/10, the COCO/Flickr multi-caption protocol (an
+  image hits when any of its captions is retrieved; every caption is a query), plus ITM accuracy and MIM accuracy;
+- `--text` held-out text shards: MLM accuracy; `--probe-train/--probe-val`: the linear probe on frozen image
+  features (logistic regression).
+The tokenizer is `--tokenizer`, else the one in the model directory. The numbers equal the in-training
+evaluation (`eval.*` of the run config) at the same step: both call `flava_ds.train.evaluate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="DeepSpeed checkpoint dir, flava_ds export or transformers dir")
+    parser.add_argument("--tag", help="with a DeepSpeed checkpoint dir: the tag (default: its 'latest')")
+    parser.add_argument("--tokenizer", help="tokenizer.json / vocab.txt / sentencepiece .model (default: in --model)")
+    parser.add_argument("--zero-shot", help="labelled image shards for zero-shot classification")
+    parser.add_argument("--class-names", help="class names in label order: JSON list/object or lines label<TAB>name")
+    parser.add_argument("--templates", help="prompt templates: simple (default), ensemble, or a file")
+    parser.add_argument("--retrieval", help="held-out image-text shards: retrieval R@1/5/10, ITM, MIM")
+    parser.add_argument("--text", help="held-out text shards: MLM accuracy")
+    parser.add_argument("--probe-train", help="labelled image shards to fit the linear probe on")
+    parser.add_argument("--probe-val", help="labelled image shards to score the linear probe on")
+    parser.add_argument(
+        "--run-config",
+        help="a run YAML: its eval.prompts, eval.max_samples, eval.batch_size, data.text_max_length "
+        "and data.mlm_prob become the defaults (the in-training evaluation's settings)",
+    )
+    parser.add_argument("--max-samples", type=int, help="per evaluation (eval.max_samples; default 512)")
+    parser.add_argument("--batch-size", type=int, help="default 32")
+    parser.add_argument("--text-max-length", type=int, help="held-out text windows for MLM (default 128)")
+    parser.add_argument("--mlm-prob", type=float, help="default 0.15")
+    parser.add_argument("--device", default=None, help="default: cuda when available")
+    parser.add_argument("--json", help="write the metrics and the settings to this JSON file")
+    parser.add_argument("--tensorboard-dir", help="also write the metrics as eval/* scalars at --step")
+    parser.add_argument("--step", type=int, default=0, help="the training step the scalars are logged at")
+    args = parser.parse_args(argv)
+    if bool(args.probe_train) != bool(args.probe_val):
+        parser.error("the linear probe needs both --probe-train and --probe-val")
+    if not (args.zero_shot or args.retrieval or args.text or args.probe_train):
+        parser.error("nothing to evaluate: give --zero-shot, --retrieval, --text and/or --probe-train/--probe-val")
+    from flava_ds.train.config import ConfigError, RunConfig
+
+    try:
+        run_config = RunConfig.load(args.run_config, []) if args.run_config else RunConfig()
+    except ConfigError as err:
+        parser.error(f"--run-config: {err}")
+    defaults = {
+        "max_samples": run_config.eval.max_samples,
+        "batch_size": run_config.eval.batch_size,
+        "text_max_length": run_config.data.text_max_length,
+        "mlm_prob": run_config.data.mlm_prob,
+    }
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    from flava_ds.train.evaluate import load_templates
+
+    try:  # the prompt templates as a list: the named set or file, else the run's eval.prompts (default: simple)
+        args.templates = load_templates(args.templates) if args.templates else run_config.eval.prompts
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+def load_model(path: Path, tag: str | None, scratch: Path):
+    """(model, the directory holding its files): a DeepSpeed checkpoint is exported to `scratch` first."""
+    from flava_ds.model import FlavaForPreTraining
+    from flava_ds.train.checkpoint import export, read_latest
+
+    if (path / "latest").is_file() or tag:
+        tag = tag or read_latest(path)
+        export(path, scratch, tag)
+        return FlavaForPreTraining.from_pretrained(scratch), path / tag
+    return FlavaForPreTraining.from_pretrained(path), path
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
+    import torch
+    from tqdm import tqdm
+
+    from flava_ds.data.tokenizer import Tokenizer
+    from flava_ds.train import evaluate as ev
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with tempfile.TemporaryDirectory() as scratch:
+        model, home = load_model(Path(args.model), args.tag, Path(scratch))
+    model = model.to(device).eval()
+    tokenizer = Tokenizer.from_file(args.tokenizer or home)
+    crop, count, batch = model.config.image.image_size, args.max_samples, args.batch_size
+    jobs = []  # (name, the call), every call one of flava_ds.train.evaluate's, as in training
+    common = (crop, count, batch, device)
+    if args.zero_shot:
+        names = ev.load_class_names(args.class_names) if args.class_names else None
+        templates = args.templates
+        zero_shot = partial(ev.zero_shot_classification, model, args.zero_shot, tokenizer, templates, *common, names)
+        jobs.append(("zero-shot", zero_shot))
+    if args.retrieval:
+        jobs.append(("retrieval + ITM", partial(ev.retrieval_metrics, model, args.retrieval, tokenizer, *common)))
+        if model.config.mim_weight > 0:
+            jobs.append(("MIM", partial(ev.mim_metrics, model, args.retrieval, *common)))
+    if args.text:
+        masking = (args.text_max_length, args.mlm_prob)
+        jobs.append(("MLM", partial(ev.mlm_metrics, model, args.text, tokenizer, *masking, *common[1:])))
+    if args.probe_train:
+        probe = partial(ev.linear_probe_metrics, model, args.probe_train, args.probe_val, *common)
+        jobs.append(("linear probe", probe))
+    metrics: dict[str, float] = {}
+    with tqdm(jobs, desc="evaluate", unit="task") as progress:
+        for name, job in progress:
+            progress.set_postfix_str(name)
+            metrics.update(job())
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    try:
+        metrics = run(args)
+    except (ValueError, FileNotFoundError) as err:
+        sys.exit(f"evaluate: {err}")
+    width = max(map(len, metrics))
+    print(f"\n{'metric':<{width}}  value\n{'-' * width}  -------")
+    for name, value in sorted(metrics.items()):
+        print(f"{name:<{width}}  {value:.4f}")
+    print(f"({time.perf_counter() - start:.1f} s, model {args.model})")
+    if args.json:
+        record = {"model": args.model, "step": args.step, "metrics": metrics, "settings": vars(args)}
+        Path(args.json).write_text(json.dumps(record, indent=2))
+    if args.tensorboard_dir:
+        from torch.utils.tensorboard import SummaryWriter
+
+        with SummaryWriter(args.tensorboard_dir) as writer:
+            for name, value in metrics.items():
+                writer.add_scalar(f"eval/{name}", value, args.step)
+
+
+if __name__ == "__main__":
+    main()
