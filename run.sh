@@ -2,7 +2,7 @@
 # flava_ds entry point.
 #   ./run.sh          the demo: preprocess bundled data, pretrain with DeepSpeed, evaluate
 #   ./run.sh setup    create .venv/ and install everything (CPU torch where no CUDA GPU is present)
-#   ./run.sh test     setup if needed, then the test suite (extra args go to pytest)
+#   ./run.sh test     setup if needed (+ tests/requirements.txt), then the test suite (extra args go to pytest)
 set -euo pipefail
 cd "$(dirname "$0")"
 ROOT=$(pwd)
@@ -34,6 +34,17 @@ setup() {
   echo "[setup] done"
 }
 
+setup_tests() {  # optional integrations the tests cover (wandb), not installed for users by default
+  local stamp="$VENV/.flava_ds-test-setup"
+  local want
+  want=$(sha256sum tests/requirements.txt | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    return 0
+  fi
+  "$PY" -m pip install -q -r tests/requirements.txt
+  echo "$want" > "$stamp"
+}
+
 case "${1:-demo}" in
   setup)
     setup
@@ -41,6 +52,7 @@ case "${1:-demo}" in
   test)
     shift || true
     setup
+    setup_tests
     export PYTHONUNBUFFERED=1
     "$PY" -m pytest "$@"
     ;;

@@ -95,10 +95,17 @@ def test_every_micro_step_of_an_optimizer_step_trains_the_same_batch_kind(data, 
 
 
 def test_exact_resume_and_tensorboard(data, tmp_path):
-    tb = tmp_path / "tb"
-    straight, _ = _train(
-        data, tmp_path / "straight", 2, 10, "--save", str(tmp_path / "ck_straight"), "--tensorboard-dir", str(tb)
+    tb, wandb_dir = tmp_path / "tb", tmp_path / "wandb"
+    wandb = f"{{project: flava_ds_test, mode: offline, dir: {wandb_dir}}}"
+    straight, result = _train(
+        data,
+        tmp_path / "straight",
+        2,
+        10,
+        *("--save", str(tmp_path / "ck_straight"), "--tensorboard-dir", str(tb), "--logging.wandb", wandb),
     )
+    console = [line for line in (result.stdout + result.stderr).splitlines() if "step 10/10 |" in line]
+    assert console and all(word in console[0] for word in ("elapsed", "ETA 0s", "40 samples", "epoch image_text"))
     first, _ = _train(
         data,
         tmp_path / "first",
@@ -125,6 +132,15 @@ def test_exact_resume_and_tensorboard(data, tmp_path):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
     _check_tensorboard(tb)
+    _check_wandb(wandb_dir)
+
+
+def _check_wandb(directory: Path) -> None:
+    """wandb's offline run (its own binary records; wandb 0.31 ships no reader) holds every scalar's name."""
+    (run,) = directory.glob("wandb/offline-run-*/run-*.wandb")
+    records = run.read_bytes()
+    for name in ("loss/total", "loss/image_text/global_contrastive", "loss/text/mlm", "data/epoch/image_text", "lr"):
+        assert name.encode() in records, name
 
 
 def _check_tensorboard(tb: Path) -> None:
@@ -186,6 +202,8 @@ def test_bad_configs_fail_before_the_model_is_built(data, tmp_path, monkeypatch)
     assert f"data.image.paths: {tmp_path / 'nope'} does not exist" in message
     message = _main(tmp_path, data, data={"text": {"paths": []}, "task_ratios": {"text": 1.0}})
     assert "data.task_ratios.text=1.0 but data.text.paths is empty" in message
+    message = _main(tmp_path, data, logging={"wandb": {"project": "p", "mode": "ofline"}})
+    assert "logging.wandb.mode='ofline'" in message
 
 
 def test_run_config_overrides(tmp_path, data):

@@ -17,6 +17,7 @@ config fails in a second with one clear message instead of after the model is al
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import types
@@ -160,8 +161,17 @@ class EvalSection:
 
 
 @dataclass
+class WandbSection:
+    project: str | None = None  # set: log every scalar to Weights & Biases too (pip install wandb)
+    mode: str = "online"  # online, offline (no network; `wandb sync` later) or disabled
+    name: str | None = None  # the run's name (default: wandb's)
+    dir: str | None = None  # where wandb keeps its files (default: ./wandb)
+
+
+@dataclass
 class LoggingSection:
     tensorboard_dir: str | None = None
+    wandb: WandbSection = field(default_factory=WandbSection)
     peak_tflops: float | None = bounded(None, low=0.0, open="low")  # per device; None = look the GPU up in a table
     metrics_file: str | None = None  # JSON lines: every step's loss, every log interval's scalars, eval results
 
@@ -368,6 +378,11 @@ def validate(config: RunConfig, ds_config: dict[str, Any], world_size: int) -> t
             raise ConfigError(f"data.{task}.weights has {len(stream.weights)} entries for {len(stream.paths)} paths")
         if stream.weights is not None and not (all(w >= 0 for w in stream.weights) and sum(stream.weights) > 0):
             raise ConfigError(f"data.{task}.weights must be non-negative with a positive sum: {stream.weights}")
+    if config.logging.wandb.project:
+        if config.logging.wandb.mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"logging.wandb.mode={config.logging.wandb.mode!r}: use online, offline or disabled")
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.wandb.project is set but wandb is not installed: pip install wandb")
     for task in STREAMS:
         for p in getattr(config.data, task).paths:
             if not Path(p).exists():

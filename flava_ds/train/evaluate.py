@@ -102,20 +102,23 @@ def image_text_metrics(
     model: FlavaForPreTraining, dataset: ImageTextDataset, count: int, batch_size: int, device: torch.device
 ) -> dict[str, float]:
     """Retrieval of the first `count` images against ALL their captions (the COCO protocol), and ITM accuracy
-    on the dataset's samples (matched captions and negatives)."""
+    on balanced pairs: every image with its own (drawn) caption and with the first caption of the next image."""
     image_emb, correct, seen = [], 0, 0
-    for batch in _batches(dataset, dataset.collator(), count, batch_size):
-        batch = _to(batch, device)
+    for start in range(0, count, batch_size):
+        indices = range(start, min(count, start + batch_size))
+        batch = _to(dataset.collator()([dataset[SampleKey(i)] for i in indices]), device)
         image_emb.append(model.encode_image(batch["pixel_values"]))
         if model.config.itm_weight > 0:
-            out = model(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                pixel_values=batch["pixel_values"],
-                itm_labels=batch["itm_labels"],
-            )
-            correct += int((out.logits["itm"].argmax(-1) == batch["itm_labels"]).sum())
-            seen += batch["itm_labels"].numel()
+            others = [dataset.captions((i + 1) % count)[0] for i in indices]
+            pairs = {
+                1: (batch["input_ids"], batch["attention_mask"]),
+                0: _padded(others, dataset.tokenizer.pad_id, device),
+            }
+            for label, (input_ids, attention_mask) in pairs.items():
+                labels = torch.full((len(indices),), label, device=device)
+                out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=batch["pixel_values"])
+                correct += int((out.logits["itm"].argmax(-1) == labels).sum())
+                seen += len(indices)
     captions = [(i, ids) for i in range(count) for ids in dataset.captions(i)]
     text_emb = []
     for start in range(0, len(captions), batch_size):
@@ -232,11 +235,9 @@ def linear_probe_metrics(
 def retrieval_metrics(
     model: FlavaForPreTraining, path: str, tokenizer: Tokenizer, crop: int, count: int, batch_size: int, device
 ) -> dict[str, float]:
-    """Retrieval and ITM (`image_text_metrics`) on held-out image-text shards, with eval crops and fixed ITM
-    negatives (half the pairs, when the model has an ITM head)."""
-    negatives = 0.5 if model.config.itm_weight > 0 else 0.0
+    """Retrieval and ITM (`image_text_metrics`) on held-out image-text shards, with eval crops."""
     augment = ImageAugment(crop_size=crop, flip=False)
-    dataset = ImageTextDataset(path, tokenizer, augment, seed=EVAL_SEED, itm_negative_prob=negatives)
+    dataset = ImageTextDataset(path, tokenizer, augment, seed=EVAL_SEED, itm_negative_prob=0.0)
     return image_text_metrics(model, dataset, min(count, len(dataset)), batch_size, device)
 
 

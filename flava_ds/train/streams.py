@@ -223,6 +223,15 @@ class TrainStreams:
         sampler = self.streams[task].sampler
         return sampler.micro_batch(sampler.consumed_samples)
 
+    def epochs(self) -> dict[str, float]:
+        """Per stream, the epochs its samples seen make (of a blend: of all its datasets' samples together)."""
+        out = {}
+        for task, stream in self.streams.items():
+            sampler = stream.sampler
+            size = sampler.samples_per_epoch or sum(sampler.source.sizes)
+            out[task] = sampler.consumed_samples / size
+        return out
+
     def advance(self, task: str) -> None:
         self.streams[task].sampler.advance()
 

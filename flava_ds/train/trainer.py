@@ -49,6 +49,7 @@ from flava_ds.train.flops import batch_flops, batch_tokens, peak_tflops
 from flava_ds.train.init import initialize_from_checkpoints
 from flava_ds.train.lifecycle import LauncherWatch, StopSignal
 from flava_ds.train.metrics_file import MetricsFile
+from flava_ds.train.scalar_sinks import ScalarSinks
 from flava_ds.train.streams import TrainStreams
 
 log = logging.getLogger("flava_ds.train")
@@ -172,11 +173,8 @@ class Trainer:
         if config.checkpoint.load:
             self._resume(config.checkpoint.load)
 
-        self.tb = None
-        if self.rank == 0 and config.logging.tensorboard_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(config.logging.tensorboard_dir)
+        self.sinks = ScalarSinks(config.logging, config.to_dict()) if self.rank == 0 else None
+        self._started = (time.perf_counter(), self.step)  # for the console's elapsed time and ETA
         self.metrics = MetricsFile(config.logging.metrics_file) if config.logging.metrics_file else None
         if self.metrics is not None and self.rank == 0:
             self.metrics.keep_until(self.step)  # one trajectory: a killed run's steps past this checkpoint go
@@ -256,10 +254,10 @@ class Trainer:
         self.evaluate()
 
     def close(self) -> None:
-        """End the loader workers and flush TensorBoard (also on a fatal error: nothing here waits on peers)."""
+        """End the loader workers and flush the scalar sinks (also on a fatal error: nothing here waits on peers)."""
         self.streams.close()
-        if self.tb is not None:
-            self.tb.close()
+        if self.sinks is not None:
+            self.sinks.close()
 
     def _count_bad_samples(self, new: int) -> None:
         """Stop once bad samples exceed data.max_bad_sample_fraction of those read (after 1/fraction reads)."""
@@ -381,6 +379,8 @@ class Trainer:
                 "memory/peak_mib": _peak_memory_mib(),
                 "skipped_steps": float(self.skipped_steps),
                 "data/bad_samples": float(self.bad_samples),
+                "data/samples_seen": float(self.step * self.micro * self.dp_size * self.accum),
+                **{f"data/epoch/{task}": epoch for task, epoch in self.streams.epochs().items()},
             }
         )
         grad_norm = self.engine.get_global_grad_norm()  # None where DeepSpeed does not compute it (ZeRO-0)
@@ -391,14 +391,16 @@ class Trainer:
         if self.fp16:
             scalars["loss_scale"] = float(self.engine.optimizer.cur_scale)
         if self.rank == 0:
-            if self.tb is not None:
-                for name, value in scalars.items():
-                    self.tb.add_scalar(name, value, self.step)
-                self.tb.flush()
+            self.sinks.add(scalars, self.step)
             self._write_metrics({"step": self.step, "log": scalars})
             loss_terms = " ".join(f"{k.removeprefix('loss/')}={v:.3f}" for k, v in sorted(terms.items()))
+            start, first_step = self._started
+            elapsed = time.perf_counter() - start
+            eta = elapsed / max(self.step - first_step, 1) * (self.config.train.steps - self.step)
+            epochs = " ".join(f"{task} {epoch:.2f}" for task, epoch in self.streams.epochs().items())
             log.info(
-                "step %d/%d | %s | lr %.2e | gnorm %.2f | %.1f samples/s | %.3f TFLOP/s | data %.1f%% | %.0f MiB",
+                "step %d/%d | %s | lr %.2e | gnorm %.2f | %.1f samples/s | %.3f TFLOP/s | data %.1f%% | %.0f MiB | "
+                "elapsed %s | ETA %s | %d samples | epoch %s",
                 self.step,
                 self.config.train.steps,
                 loss_terms,
@@ -408,6 +410,10 @@ class Trainer:
                 tflops,
                 100 * scalars["throughput/data_wait_fraction"],
                 scalars["memory/peak_mib"],
+                _duration(elapsed),
+                _duration(eta),
+                scalars["data/samples_seen"],
+                epochs,
             )
 
     def evaluate(self) -> None:
@@ -417,10 +423,7 @@ class Trainer:
 
         metrics = evaluate(self.engine.module, self.config, self.tokenizer, self.device)
         if self.rank == 0:
-            if self.tb is not None:
-                for name, value in metrics.items():
-                    self.tb.add_scalar(f"eval/{name}", value, self.step)
-                self.tb.flush()
+            self.sinks.add({f"eval/{name}": value for name, value in metrics.items()}, self.step)
             self._write_metrics({"step": self.step, "eval": metrics})
             log.info("eval step %d | %s", self.step, " ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
 
@@ -456,6 +459,13 @@ class _Window:
         sums = torch.tensor([self.sums[n] for n in names], dtype=torch.float64)
         dist.all_reduce(sums, group=group)
         return {n: float(s) / dp_size / self.counts[n] for n, s in zip(names, sums.tolist())}
+
+
+def _duration(seconds: float) -> str:
+    """12s, 3m05s, 2h07m."""
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
 def _peak_memory_mib() -> float:
