@@ -124,6 +124,8 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks(data, tmp_path, stage):
         _assert_same_losses(expected, _losses(tmp / "metrics.jsonl"), label)
         _assert_same_weights(final, get_fp32_state_dict_from_zero_checkpoint(str(tmp / "ck")), label)
 
+    if stage != 1:
+        return  # the refusal comes before anything stage-specific: checked once
     tmp = tmp_path / "refused"
     tmp.mkdir()
     ds = write_ds_config(tmp / "ds.json", stage, micro=4)  # one process: global batch 4, not 16

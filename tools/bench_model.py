@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -65,16 +66,35 @@ def step(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
     return loss.item()
 
 
-def accumulated_step(model: FlavaForPreTraining, batch: dict[str, torch.Tensor], accumulation: int, cached: bool):
+def accumulated_step(
+    model: FlavaForPreTraining,
+    batch: dict[str, torch.Tensor],
+    accumulation: int,
+    cached: bool,
+    saved: list[int] | None = None,
+) -> float:
     """One optimizer step over `batch` cut into `accumulation` micro-batches, as the trainer runs it: global-batch
-    normalisers, micro-step losses / accumulation, and the contrastive cache when `cached`."""
+    normalisers, micro-step losses / accumulation, and the contrastive cache when `cached`. With `saved`, each
+    micro-step appends the bytes its forward saved for backward (activations: parameters and repeats excluded)."""
     model.zero_grad(set_to_none=True)
     micro = [{k: v.chunk(accumulation)[i] for k, v in batch.items()} for i in range(accumulation)]
     normalizers = model.loss_normalizers(micro)
     cache = model.contrastive_cache(micro) if cached else None
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     total = 0.0
     for m, inputs in enumerate(micro):
-        out = model(**inputs, loss_normalizers=normalizers, contrastive_cache=cache.at(m) if cache else None)
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor, storages: dict[int, int] = storages) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in weights:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if saved is not None else nullcontext():
+            out = model(**inputs, loss_normalizers=normalizers, contrastive_cache=cache.at(m) if cache else None)
+        if saved is not None:
+            saved.append(sum(storages.values()))
         (out.loss / accumulation).backward()
         total += out.loss.item() / accumulation
     return total
@@ -214,19 +234,24 @@ def accumulation_table(args: argparse.Namespace, argv: list[str], cfg: FlavaConf
         mem = {name: peak_step_memory_mib(run, args.device) for name, run in runs.items()}
     else:
         mem = {name: memory_in_fresh_process(name, argv) for name in runs}
+    saved = {name: [] for name in ways}
+    for name, way in ways.items():
+        accumulated_step(model, batch, **way, saved=saved[name])
+    activations = {name: max(sizes) / 2**20 for name, sizes in saved.items()}  # the largest micro-step's
     med = {k: statistics.median(v) for k, v in times.items()}
     print(
         f"preset={args.preset} kind={args.kind} batch={args.batch} accumulation={A} seq_len={args.seq_len} "
         f"device={args.device} fp32 threads={torch.get_num_threads()} repeats={args.repeats}"
     )
-    print(f"{'way':<10}{'loss':>12}{'step median s':>16}{'all runs':>30}{'peak MiB':>12}")
+    print(f"{'way':<10}{'loss':>12}{'step median s':>16}{'all runs':>30}{'peak MiB':>12}{'activations MiB':>18}")
     for name in runs:
         all_runs = " ".join(f"{t:.2f}" for t in times[name])
-        print(f"{name:<10}{losses[name]:>12.6f}{med[name]:>16.3f}{all_runs:>30}{mem[name]:>12.0f}")
+        row = f"{name:<10}{losses[name]:>12.6f}{med[name]:>16.3f}{all_runs:>30}{mem[name]:>12.0f}"
+        print(f"{row}{activations[name]:>18.0f}")
     for name in ("cache", "no_cache"):
         print(
-            f"ratio {name}/one_pass: time {med[name] / med['one_pass']:.3f}x, "
-            f"peak memory {mem[name] / mem['one_pass']:.3f}x"
+            f"ratio {name}/one_pass: time {med[name] / med['one_pass']:.3f}x, peak memory "
+            f"{mem[name] / mem['one_pass']:.3f}x, saved activations {activations[name] / activations['one_pass']:.3f}x"
         )
 
 
