@@ -88,3 +88,76 @@ def test_the_tool_refuses_an_empty_or_half_probe_request():
     for extra, message in (([], "nothing to evaluate"), (["--probe-train", "x"], "needs both")):
         result = subprocess.run([*tool, *extra], capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def _tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_tool", ROOT / "tools" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_raw_image_retrieval_from_coco_and_karpathy_files_ranks_by_hand(tmp_path):
+    """tools/evaluate.py --captions on a COCO caption file and on the same data as a Karpathy split file (with a
+    train image that --split test leaves out) gives the recall of a ranking computed by hand from the model's
+    embeddings of eval_pixels(image) and of each caption."""
+    import json
+
+    import numpy as np
+
+    from flava_ds.data.image_text import eval_pixels
+    from flava_ds.data.tokenizer import Tokenizer
+    from tests.data_fixtures import caption, random_image
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    names = [f"{i}.jpg" for i in range(4)]
+    for name in names:
+        random_image(rng, 96, 80).save(tmp_path / "img" / name)
+    captions = [[caption(rng, 5) for _ in range(1 + i % 2)] for i in range(4)]  # 1 or 2 captions per image
+    coco = {
+        "images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
+        "annotations": [{"image_id": i, "caption": c} for i, cs in enumerate(captions) for c in cs],
+    }
+    (tmp_path / "coco.json").write_text(json.dumps(coco))
+    karpathy = {
+        "images": [
+            {"filepath": "", "filename": n, "split": "test", "sentences": [{"raw": c} for c in cs]}
+            for n, cs in zip(names, captions)
+        ]
+        + [{"filepath": "", "filename": names[0], "split": "train", "sentences": [{"raw": "left out"}]}]
+    }
+    (tmp_path / "karpathy.json").write_text(json.dumps(karpathy))
+    torch.manual_seed(0)
+    model = FlavaForPreTraining(FlavaConfig.preset("tiny")).eval()
+    model.save_pretrained(tmp_path / "export")
+    tokenizer_file = make_tokenizer(tmp_path)
+    tool = _tool()
+    common = ["--model", str(tmp_path / "export"), "--tokenizer", str(tokenizer_file), "--image-root", str(tmp_path)]
+    results = []
+    for extra in (["--captions", str(tmp_path / "coco.json")], ["--captions", str(tmp_path / "karpathy.json")]):
+        tool.main([*common, *extra, "--split", "test", "--json", str(tmp_path / "out.json"), "--batch-size", "3"])
+        results.append(json.loads((tmp_path / "out.json").read_text())["metrics"])
+    assert results[0] == results[1]
+
+    tokenizer, size = Tokenizer.from_file(tokenizer_file), model.config.image.image_size
+    from PIL import Image
+
+    with torch.no_grad():
+        images = torch.cat(
+            [model.encode_image(eval_pixels(Image.open(tmp_path / "img" / n), size, size)[None]) for n in names]
+        )
+        texts, owner = [], []
+        for i, cs in enumerate(captions):
+            for c in cs:
+                ids = torch.tensor([tokenizer.encode(c)])
+                texts.append(model.encode_text(ids, torch.ones_like(ids))[0])
+                owner.append(i)
+    sim = images @ torch.stack(texts).t()
+    for k in (1, 5):
+        i2t = np.mean([any(owner[t] == i for t in sim[i].argsort(descending=True)[:k].tolist()) for i in range(4)])
+        t2i = np.mean([int(sim[:, t].argsort(descending=True)[:k].tolist().count(owner[t])) for t in range(len(owner))])
+        assert results[0][f"retrieval/image_to_text_R@{k}"] == pytest.approx(i2t)
+        assert results[0][f"retrieval/text_to_image_R@{k}"] == pytest.approx(t2i)

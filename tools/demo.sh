@@ -66,7 +66,7 @@ step "6/7 summary"
 $PY tools/demo_summary.py --metrics "$OUT/metrics.jsonl" --out-dir "$OUT"
 
 step "7/7 evaluation of the export (tools/evaluate.py, the in-training evaluation's settings)"
-$PY tools/evaluate.py --model "$OUT/export" --tokenizer "$OUT/tokenizer.json" \
+$PY tools/evaluate.py --model "$OUT/export" \
   --run-config "$OUT/checkpoints/$(cat "$OUT/checkpoints/latest")/run_config.json" \
   --zero-shot "$SHARDS/images_heldout" --retrieval "$SHARDS/pairs_heldout" --text "$SHARDS/text_heldout" \
   --probe-train "$SHARDS/images_train" --probe-val "$SHARDS/images_heldout" \

@@ -12,10 +12,13 @@ or a `transformers` directory (so released FLAVA weights are scored by the same 
   against per-class text embeddings averaged over the prompt templates;
 - retrieval (`--retrieval` image-text shards): image<->text R@1/5/10, the COCO/Flickr multi-caption protocol (an
   image hits when any of its captions is retrieved; every caption is a query), plus ITM accuracy and MIM accuracy;
+  or on raw data: `--captions` a COCO caption file or a Karpathy split file (dataset_coco.json,
+  dataset_flickr30k.json; `--split test`) with `--image-root`, images processed as the export records;
 - `--text` held-out text shards: MLM accuracy; `--probe-train/--probe-val`: the linear probe on frozen image
   features (logistic regression).
-The tokenizer is `--tokenizer`, else the one in the model directory. The numbers equal the in-training
-evaluation (`eval.*` of the run config) at the same step: both call `flava_ds.train.evaluate`.
+The tokenizer is `--tokenizer`, else the one the model directory records (processing.json), else its tokenizer
+file. The numbers equal the in-training evaluation (`eval.*` of the run config) at the same step: both call
+`flava_ds.train.evaluate`.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--class-names", help="class names in label order: JSON list/object or lines label<TAB>name")
     parser.add_argument("--templates", help="prompt templates: simple (default), ensemble, or a file")
     parser.add_argument("--retrieval", help="held-out image-text shards: retrieval R@1/5/10, ITM, MIM")
+    parser.add_argument("--captions", help="COCO caption JSON or Karpathy split JSON: retrieval on raw images")
+    parser.add_argument("--image-root", help="with --captions: the directory the image file names are under")
+    parser.add_argument("--split", help="with a Karpathy split file: the split to score (e.g. test)")
     parser.add_argument("--text", help="held-out text shards: MLM accuracy")
     parser.add_argument("--probe-train", help="labelled image shards to fit the linear probe on")
     parser.add_argument("--probe-val", help="labelled image shards to score the linear probe on")
@@ -60,7 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if bool(args.probe_train) != bool(args.probe_val):
         parser.error("the linear probe needs both --probe-train and --probe-val")
-    if not (args.zero_shot or args.retrieval or args.text or args.probe_train):
+    if bool(args.captions) != bool(args.image_root):
+        parser.error("raw-image retrieval needs both --captions and --image-root")
+    if not (args.zero_shot or args.retrieval or args.captions or args.text or args.probe_train):
         parser.error("nothing to evaluate: give --zero-shot, --retrieval, --text and/or --probe-train/--probe-val")
     from flava_ds.train.config import ConfigError, RunConfig
 
@@ -98,10 +106,26 @@ def load_model(path: Path, tag: str | None, scratch: Path):
     return FlavaForPreTraining.from_pretrained(path), path
 
 
+def read_caption_file(path: str, split: str | None) -> tuple[list[str], list[list[str]]]:
+    """(image file names, their captions) of a COCO caption file or a Karpathy split file."""
+    from preprocess.readers import BadRecord, read_coco
+
+    data = json.loads(Path(path).read_text())
+    images = data.get("images") if isinstance(data, dict) else None
+    if images and "sentences" in images[0]:  # Karpathy: {"images": [{filepath, filename, sentences, split}]}
+        chosen = [im for im in images if split is None or im.get("split") == split]
+        files = [str(Path(im.get("filepath", ""), im["filename"])) for im in chosen]
+        return files, [[sentence["raw"] for sentence in im["sentences"]] for im in chosen]
+    records = [r for _, r in read_coco(path) if not isinstance(r, BadRecord) and r["captions"]]
+    return [r["file_name"] for r in records], [r["captions"] for r in records]
+
+
 def run(args: argparse.Namespace) -> dict[str, float]:
     import torch
     from tqdm import tqdm
 
+    from flava_ds.data.image_text import eval_pixels
+    from flava_ds.data.processing import load_processing
     from flava_ds.data.tokenizer import Tokenizer
     from flava_ds.train import evaluate as ev
 
@@ -109,8 +133,13 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as scratch:
         model, home = load_model(Path(args.model), args.tag, Path(scratch))
     model = model.to(device).eval()
-    tokenizer = Tokenizer.from_file(args.tokenizer or home)
     crop, count, batch = model.config.image.image_size, args.max_samples, args.batch_size
+    processing = load_processing(home)  # what training recorded: tokenizer and raw-image processing
+    if args.tokenizer:
+        tokenizer = Tokenizer.from_file(args.tokenizer)
+    else:
+        tokenizer = processing.tokenizer if processing and processing.tokenizer else Tokenizer.from_file(home)
+    pixels = processing.pixel_values if processing else partial(eval_pixels, resize=crop, crop=crop)
     jobs = []  # (name, the call), every call one of flava_ds.train.evaluate's, as in training
     common = (crop, count, batch, device)
     if args.zero_shot:
@@ -122,6 +151,11 @@ def run(args: argparse.Namespace) -> dict[str, float]:
         jobs.append(("retrieval + ITM", partial(ev.retrieval_metrics, model, args.retrieval, tokenizer, *common)))
         if model.config.mim_weight > 0:
             jobs.append(("MIM", partial(ev.mim_metrics, model, args.retrieval, *common)))
+    if args.captions:
+        files, captions = read_caption_file(args.captions, args.split)
+        images = [Path(args.image_root, name) for name in files[:count]]
+        raw = partial(ev.caption_file_retrieval, model, images, captions[:count], tokenizer, pixels, batch, device)
+        jobs.append(("retrieval on raw images", raw))
     if args.text:
         masking = (args.text_max_length, args.mlm_prob)
         jobs.append(("MLM", partial(ev.mlm_metrics, model, args.text, tokenizer, *masking, *common[1:])))

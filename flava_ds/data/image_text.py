@@ -130,6 +130,25 @@ def normalize(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def eval_pixels(image: Image.Image, resize: int, crop: int) -> torch.Tensor:
+    """A raw image -> (3, crop, crop) CLIP-normalised pixel_values for evaluation and inference, no augmentation:
+    transparency onto white and the short side resized to `resize` (bicubic), as preprocessing stores images, then
+    the centre crop, as training crops. Sizes are rounded as transformers' FlavaImageProcessor rounds them (long
+    side truncated), so an exported preprocessor_config.json gives these same pixels."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    image = image.convert("RGB")
+    if crop > resize:
+        raise ValueError(f"crop {crop} must be at most the resized short side {resize}")
+    width, height = image.size
+    long = int(resize * max(width, height) / min(width, height))
+    size = (resize, long) if width <= height else (long, resize)
+    image = image.resize(size, Image.BICUBIC)
+    left, top = (size[0] - crop) // 2, (size[1] - crop) // 2
+    return normalize(np.asarray(image.crop((left, top, left + crop, top + crop))))
+
+
 @dataclass
 class ImageAugment:
     """What the image side of a sample needs: crop size, flip, the patch mask."""

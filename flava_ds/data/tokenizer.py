@@ -3,7 +3,8 @@
 Everything downstream (preprocessing, MLM masking, the model's vocabulary size) only needs token ids,
 the special ids and which tokens start a word, so the three file kinds are reduced to exactly that.
 Sequences are always `[CLS] tokens [SEP]`, added here rather than by the file's own post-processor so
-that all kinds behave the same.
+that all kinds behave the same. `Tokenizer.to_tokenizers` gives a `tokenizers` tokenizer that encodes exactly
+like `encode` (what an exported `transformers` directory ships).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
 
 # Accepted spellings of each special role, BERT style first.
 SPECIAL_NAMES: dict[str, tuple[str, ...]] = {
@@ -28,6 +29,8 @@ SPECIAL_NAMES: dict[str, tuple[str, ...]] = {
 }
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 SENTENCEPIECE_WORD_MARK = "▁"
+# the name a copy of each kind gets in a checkpoint or export (Tokenizer.from_file finds it in that directory)
+CANONICAL_NAMES = {"tokenizer.json": "tokenizer.json", "vocab.txt": "vocab.txt", "sentencepiece": "tokenizer.model"}
 
 
 class TokenizerError(ValueError):
@@ -83,6 +86,9 @@ class _HFBackend:
     def extra_special_ids(self) -> set[int]:
         return {idx for idx, added in self.tok.get_added_tokens_decoder().items() if added.special}
 
+    def to_tokenizers(self) -> HFTokenizer:
+        return HFTokenizer.from_str(self.tok.to_str())
+
     def word_rule(self) -> tuple[str, str]:
         """How a token's text tells a word boundary: ("prefix"|"marker"|"suffix"|"none", symbol)."""
         model = self.tok.model
@@ -126,6 +132,19 @@ class _SentencePieceBackend:
 
     def extra_special_ids(self) -> set[int]:
         return {i for i in range(self.sp.get_piece_size()) if self.sp.is_control(i) or self.sp.is_unknown(i)}
+
+    def to_tokenizers(self) -> HFTokenizer:
+        """transformers' own sentencepiece conversion, which follows the model's normalizer spec."""
+        from sentencepiece import sentencepiece_model_pb2
+        from transformers.convert_slow_tokenizer import SpmConverter
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self.sp.serialized_model_proto())
+        if proto.trainer_spec.model_type == sentencepiece_model_pb2.TrainerSpec.UNIGRAM:
+            vocab: list | dict = [(piece.piece, piece.score) for piece in proto.pieces]
+        else:  # BPE: merges are regenerated from the piece scores
+            vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
+        return SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
 
     def word_rule(self) -> tuple[str, str]:
         return "marker", SENTENCEPIECE_WORD_MARK
@@ -205,6 +224,26 @@ class Tokenizer:
     @cached_property
     def fingerprint(self) -> str:
         return file_fingerprint(self.path)
+
+    def special_tokens(self) -> dict[str, str]:
+        """Each special role's token text: {"pad": "[PAD]", "unk": ..., "cls": ..., "sep": ..., "mask": ...}."""
+        return {role: self.id_to_token(getattr(self, f"{role}_id")) for role in SPECIAL_NAMES}
+
+    def to_tokenizers(self) -> HFTokenizer:
+        """A standalone `tokenizers` tokenizer giving the ids of `encode(text)`, and truncated to max_length those of
+        `encode(text, max_length)`: [CLS] and [SEP] come from its post-processor, which truncation leaves room for.
+        Sentencepiece goes through transformers' converter: the same ids, except that a special piece written in
+        the text ("a [MASK] b") may get another word-boundary piece next to it."""
+        tok = self._backend.to_tokenizers()
+        cls, sep = self.id_to_token(self.cls_id), self.id_to_token(self.sep_id)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls} $A {sep}",
+            pair=f"{cls} $A {sep} $B:1 {sep}:1",
+            special_tokens=[(cls, self.cls_id), (sep, self.sep_id)],
+        )
+        tok.no_padding()
+        tok.no_truncation()
+        return tok
 
     def encode(self, text: str, max_length: int | None = None) -> list[int]:
         """`[CLS] tokens [SEP]`, cut to `max_length` ids (the [SEP] is kept)."""

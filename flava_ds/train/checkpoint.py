@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from flava_ds.train.elastic import universal_load_repairs, universal_tag
 from flava_ds.train.faults import FAULTS
+from flava_ds.train.sidecars import carry_to_export
 
 LATEST = "latest"
 MODEL_CONFIG = "flava_config.json"
@@ -166,9 +167,11 @@ def save(
     client_state: dict[str, Any],
     keep_last: int,
     json_files: dict[str, Any],
+    files: dict[str, Path],
 ) -> Path:
     """DeepSpeed's files, then (global rank 0) `json_files` beside them (name -> content: what tools read
-    without unpickling, e.g. the model config), then `latest`."""
+    without unpickling, e.g. the model config) and copies of `files` (name -> source, e.g. the tokenizer), then
+    `latest`."""
     save_dir = Path(save_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(save_dir), tag=tag, client_state=client_state, save_latest=False)
@@ -178,6 +181,8 @@ def save(
     if dist.get_rank() == 0:
         for name, content in json_files.items():
             (save_dir / tag / name).write_text(json.dumps(content, indent=2))
+        for name, source in files.items():
+            shutil.copyfile(source, save_dir / tag / name)
         publish_latest(save_dir, tag)
         prune(save_dir, keep_last)
     dist.barrier()
@@ -201,7 +206,8 @@ def load(engine, load_dir: str | Path, trusted_globals: Iterable[str] = ()) -> d
 
 def export(save_dir: str | Path, output: str | Path, tag: str | None = None) -> Path:
     """Consolidate a DeepSpeed checkpoint (any ZeRO stage) into one fp32 flava_ds export directory: the fp32 master
-    weights of the optimizer state (ZeRO 1-3, bf16), or the module itself in fp32 ZeRO-0."""
+    weights of the optimizer state (ZeRO 1-3, bf16), or the module itself in fp32 ZeRO-0; the checkpoint's
+    processing record and training.json come along (`flava_ds.train.sidecars`)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from flava_ds.model import FlavaConfig, FlavaForPreTraining
@@ -238,4 +244,5 @@ def export(save_dir: str | Path, output: str | Path, tag: str | None = None) -> 
         state.update({name: module[name].float() for name in missing})
     model.load_state_dict(state)
     model.save_pretrained(output)
+    carry_to_export(directory, Path(output))
     return Path(output)

@@ -120,17 +120,48 @@ def image_text_metrics(
                 correct += int((out.logits["itm"].argmax(-1) == labels).sum())
                 seen += len(indices)
     captions = [(i, ids) for i in range(count) for ids in dataset.captions(i)]
-    text_emb = []
-    for start in range(0, len(captions), batch_size):
-        chunk = [ids for _, ids in captions[start : start + batch_size]]
-        text_emb.append(model.encode_text(*_padded(chunk, dataset.tokenizer.pad_id, device)))
-    owner = torch.tensor([i for i, _ in captions], device=device)
-    sim = torch.cat(image_emb).float() @ torch.cat(text_emb).float().t()
-    metrics = retrieval_recall(sim, owner)
-    metrics["retrieval/chance_R@1"] = 1.0 / count
+    text_emb = _text_embeddings(model, [ids for _, ids in captions], dataset.tokenizer.pad_id, batch_size, device)
+    metrics = _retrieval(torch.cat(image_emb), text_emb, [i for i, _ in captions])
     if seen:
         metrics["itm_accuracy"] = correct / seen
     return metrics
+
+
+def _text_embeddings(model, token_lists: list, pad_id: int, batch_size: int, device) -> torch.Tensor:
+    chunks = [token_lists[s : s + batch_size] for s in range(0, len(token_lists), batch_size)]
+    return torch.cat([model.encode_text(*_padded(chunk, pad_id, device)) for chunk in chunks])
+
+
+def _retrieval(image_emb: torch.Tensor, text_emb: torch.Tensor, owner: list[int]) -> dict[str, float]:
+    """`retrieval_recall` of (N, D) image and (T, D) caption embeddings, caption t belonging to image owner[t]."""
+    sim = image_emb.float() @ text_emb.float().t()
+    metrics = retrieval_recall(sim, torch.tensor(owner, device=sim.device))
+    metrics["retrieval/chance_R@1"] = 1.0 / len(image_emb)
+    return metrics
+
+
+@torch.no_grad()
+def caption_file_retrieval(
+    model: FlavaForPreTraining,
+    images: list[Path],
+    captions: list[list[str]],
+    tokenizer: Tokenizer,
+    pixels,
+    batch_size: int,
+    device,
+) -> dict[str, float]:
+    """Retrieval R@1/5/10 on raw data: image files with their `captions` (one list each), as a COCO/Flickr caption
+    file gives them; `pixels` turns a PIL image into (3, S, S) pixel_values (the export's processing)."""
+    from PIL import Image
+
+    image_emb = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([pixels(Image.open(path)) for path in images[start : start + batch_size]])
+        image_emb.append(model.encode_image(batch.to(device)))
+    limit = model.config.text.max_position_embeddings
+    owned = [(i, np.asarray(tokenizer.encode(c, max_length=limit))) for i, cs in enumerate(captions) for c in cs]
+    text_emb = _text_embeddings(model, [ids for _, ids in owned], tokenizer.pad_id, batch_size, device)
+    return _retrieval(torch.cat(image_emb), text_emb, [i for i, _ in owned])
 
 
 @torch.no_grad()

@@ -50,6 +50,7 @@ from flava_ds.train.init import initialize_from_checkpoints
 from flava_ds.train.lifecycle import LauncherWatch, StopSignal
 from flava_ds.train.metrics_file import MetricsFile
 from flava_ds.train.scalar_sinks import ScalarSinks
+from flava_ds.train.sidecars import data_sources, run_sidecars
 from flava_ds.train.streams import TrainStreams
 
 log = logging.getLogger("flava_ds.train")
@@ -139,6 +140,7 @@ class Trainer:
         self.streams = TrainStreams(
             config.data, tokenizer, self.model_config.image.image_size, micro, self.dp_rank, self.dp_size, accum
         )  # opens and checks every shard before the model
+        self.data_sources = data_sources(config.data)  # read once: checkpoints record them
 
         set_seed(config.train.seed)  # every rank builds the same full weights (TP ranks keep their slices)
         model = FlavaForPreTraining(self.model_config)
@@ -197,10 +199,12 @@ class Trainer:
         }
 
     def save(self) -> None:
+        record, files = run_sidecars(self.tokenizer, self.model_config.image.image_size, self.step, self.data_sources)
         sidecars = {
             checkpoint.MODEL_CONFIG: self.model_config.to_dict(),
             checkpoint.RUN_CONFIG: self.config.to_dict(),  # what tools/evaluate.py --run-config reads
             TOPOLOGY: asdict(self.topology),
+            **record,
         }
         path = checkpoint.save(
             self.engine,
@@ -209,6 +213,7 @@ class Trainer:
             self.client_state(),
             self.config.checkpoint.keep_last,
             sidecars,
+            files,
         )
         log.info("saved checkpoint %s", path)
 
