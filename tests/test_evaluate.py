@@ -135,7 +135,14 @@ def test_raw_image_retrieval_from_coco_and_karpathy_files_ranks_by_hand(tmp_path
     model.save_pretrained(tmp_path / "export")
     tokenizer_file = make_tokenizer(tmp_path)
     tool = _tool()
-    common = ["--model", str(tmp_path / "export"), "--tokenizer", str(tokenizer_file), "--image-root", str(tmp_path)]
+    common = [
+        "--model",
+        str(tmp_path / "export"),
+        "--tokenizer",
+        str(tokenizer_file),
+        "--image-root",
+        str(tmp_path / "img"),
+    ]
     results = []
     for extra in (["--captions", str(tmp_path / "coco.json")], ["--captions", str(tmp_path / "karpathy.json")]):
         tool.main([*common, *extra, "--split", "test", "--json", str(tmp_path / "out.json"), "--batch-size", "3"])
@@ -155,9 +162,11 @@ def test_raw_image_retrieval_from_coco_and_karpathy_files_ranks_by_hand(tmp_path
                 ids = torch.tensor([tokenizer.encode(c)])
                 texts.append(model.encode_text(ids, torch.ones_like(ids))[0])
                 owner.append(i)
-    sim = images @ torch.stack(texts).t()
-    for k in (1, 5):
-        i2t = np.mean([any(owner[t] == i for t in sim[i].argsort(descending=True)[:k].tolist()) for i in range(4)])
-        t2i = np.mean([int(sim[:, t].argsort(descending=True)[:k].tolist().count(owner[t])) for t in range(len(owner))])
-        assert results[0][f"retrieval/image_to_text_R@{k}"] == pytest.approx(i2t)
-        assert results[0][f"retrieval/text_to_image_R@{k}"] == pytest.approx(t2i)
+    sim = (images @ torch.stack(texts).t()).tolist()  # (4 images, 6 captions)
+    for k in (1, 5):  # a hit: fewer than k candidates score strictly higher than the best right one
+        i2t = [
+            sum(v > max(sim[i][t] for t in range(len(owner)) if owner[t] == i) for v in sim[i]) < k for i in range(4)
+        ]
+        t2i = [sum(sim[j][t] > sim[owner[t]][t] for j in range(4)) < k for t in range(len(owner))]
+        assert results[0][f"retrieval/image_to_text_R@{k}"] == pytest.approx(np.mean(i2t))
+        assert results[0][f"retrieval/text_to_image_R@{k}"] == pytest.approx(np.mean(t2i))
