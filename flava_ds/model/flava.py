@@ -28,7 +28,7 @@ from flava_ds.model.hf_io import expect_keys, read_config, read_state_dict, writ
 from flava_ds.model.transformer import positions_first
 from flava_ds.parallel import checkpoint as tp_checkpoint
 from flava_ds.parallel.layers import TensorParallelLinear
-from flava_ds.parallel.state import is_global_rank_zero, tensor_parallel_size
+from flava_ds.parallel.state import data_parallel_group, is_global_rank_zero, tensor_parallel_size
 
 IGNORE_INDEX = -100
 NATIVE_FORMAT = "flava_ds"
@@ -309,23 +309,23 @@ class FlavaForPreTraining(nn.Module):
         return self._finish(out)
 
     def loss_normalizers(
-        self, micro_batches: list[Mapping[str, torch.Tensor]], group: dist.ProcessGroup | None = None
+        self, micro_batches: list[Mapping[str, torch.Tensor]], across_ranks: bool = False
     ) -> dict[str, float]:
         """`forward`'s `loss_normalizers` for one optimizer step: per loss term, the step's global target count
-        (`target_counts` over these micro-batches, summed over the ranks of `group`: collective) / (ranks x
-        micro-batches). A trainer dividing each micro-step's loss by the number of micro-batches and averaging
-        gradients over the ranks (as DeepSpeed does) then applies the gradient of (all per-target losses of the
-        step) / (their global count): the same update whatever cut of the global batch the ranks and micro-steps
-        make."""
+        (`target_counts` over these micro-batches, with `across_ranks` summed over the data-parallel ranks:
+        collective) / (ranks x micro-batches). A trainer dividing each micro-step's loss by the number of
+        micro-batches and averaging gradients over the ranks (as DeepSpeed does) then applies the gradient of (all
+        per-target losses of the step) / (their global count): the same update whatever cut of the global batch
+        the ranks and micro-steps make."""
         counts = torch.zeros(len(LOSS_NAMES), dtype=torch.float64)
         for inputs in micro_batches:
             for name, count in self.target_counts(inputs).items():
                 counts[LOSS_NAMES.index(name)] += float(count)
         ranks = 1
-        if group is not None and dist.is_initialized():
+        if across_ranks and dist.is_initialized():
             counts = counts.to(self.logit_scale.device)
-            dist.all_reduce(counts, group=group)
-            ranks = dist.get_world_size(group)
+            dist.all_reduce(counts, group=data_parallel_group())
+            ranks = dist.get_world_size(data_parallel_group())
         share = ranks * len(micro_batches)
         return {name: max(total, 1.0) / share for name, total in zip(LOSS_NAMES, counts.tolist())}
 

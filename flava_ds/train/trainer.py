@@ -286,7 +286,7 @@ class Trainer:
         task = self.streams.task(self.step)
         batches = [self.streams.next_batch(task) for _ in range(self.accum)]  # small; their activations are not
         self._bad_local += sum(int(batch.pop(BAD_SAMPLES)) for batch in batches)
-        normalizers = self.engine.module.loss_normalizers(batches, data_parallel_group())
+        normalizers = self.engine.module.loss_normalizers(batches, across_ranks=True)
         cache = self._contrastive_cache(batches)
         for micro, batch in enumerate(batches):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
