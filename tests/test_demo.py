@@ -46,3 +46,8 @@ def test_short_demo_learns(tmp_path):
     printed = result.stdout[result.stdout.rindex("metric") :]
     for name in ("zero_shot/top5", "retrieval/image_to_text_R@1", "mim_accuracy", "mlm_accuracy", "linear_probe/top1"):
         assert name in printed and name in tool, name
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "demo" / "tensorboard"))
+    events.Reload()
+    assert "eval/linear_probe/top1" in events.Tags()["scalars"]  # the tool's scalars beside training's

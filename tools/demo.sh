@@ -60,7 +60,7 @@ fi
 
 step "5/7 export: consolidated fp32 safetensors + a transformers directory"
 $PY tools/convert_checkpoint.py from-deepspeed --input "$OUT/checkpoints" --output "$OUT/export"
-$PY tools/convert_checkpoint.py to-hf --input "$OUT/export" --output "$OUT/export_hf"
+$PY tools/convert_checkpoint.py to-hf --input "$OUT/export" --output "$OUT/export_hf" --metrics "$OUT/metrics.jsonl"
 
 step "6/7 summary"
 $PY tools/demo_summary.py --metrics "$OUT/metrics.jsonl" --out-dir "$OUT"
