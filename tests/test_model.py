@@ -22,12 +22,12 @@ def test_full_parameter_count_equals_transformers_minus_codebook():
     assert count(ours) == count(theirs) - codebook
     assert abs(codebook - 53.8e6) < 0.1e6
     trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
-    assert 300e6 < trainable < 310e6  # SPEC §2: about 304M trained; the unused poolers are frozen
+    assert 300e6 < trainable < 310e6  # docs/DESIGN.md §3: about 304M trained; the unused poolers are frozen
     assert trainable == count(ours) - 3 * (768 * 768 + 768)
 
 
 def test_start_of_training_losses_match_spec():
-    """SPEC §7: MLM/MMM-text ~ ln(vocab), MIM/MMM-image ~ ln 8192, contrastive ~ ln(batch), ITM < 0.8.
+    """Start-of-training sanity: MLM/MMM-text ~ ln(vocab), MIM/MMM-image ~ ln 8192, contrastive ~ ln(batch), ITM < 0.8.
 
     N(0, 0.02) decoders over a unit-variance LayerNorm output give logits of std ~0.55, which adds
     about var/2 = 0.15 nats to ln(classes); the bands allow for that.

@@ -1,4 +1,4 @@
-"""Arrow shard rows -> model inputs for the image-only and image-text batch kinds (SPEC sections 3-4).
+"""Arrow shard rows -> model inputs for the image-only and image-text batch kinds (docs/DESIGN.md §2-3).
 
 Per sample: decode the stored S x S JPEG, take a C x C crop (C = 224 for FLAVA-full) at offsets that
 are multiples of 16 px, flip it horizontally with probability 1/2, and take the matching (C/16)^2

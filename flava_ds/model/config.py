@@ -155,7 +155,7 @@ def _encoder(hidden: int, layers: int, heads: int, **extra: Any) -> dict[str, An
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The paper's model (SPEC §2): ViT-B/16 image encoder, BERT-base-sized text encoder, 6-layer fusion.
+    # The paper's model (docs/DESIGN.md §3): ViT-B/16 image encoder, BERT-base-sized text encoder, 6-layer fusion.
     "full": {},
     # Unit tests: seconds on a CPU.
     "tiny": {

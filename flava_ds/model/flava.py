@@ -1,4 +1,4 @@
-"""FlavaForPreTraining: the three encoders, the heads and the losses of SPEC §3 for the three batch kinds.
+"""FlavaForPreTraining: the three encoders, heads and losses of docs/DESIGN.md §3 for the three batch kinds.
 
 The batch kind follows from the inputs, as in `transformers`:
   image-only  (pixel_values, bool_masked_pos, mim_labels)               -> MIM

@@ -11,14 +11,15 @@ SLURM signals every process of a job, and only the trainer decides when to stop 
 checkpoint).
 
 With workers, a stream receives its next batch in a background thread while the trainer computes: taking a
-batch from a worker (unpickling, attaching each tensor's shared memory) costs ~2 ms in the receiving process, 6%
-of a 31 ms step of a small model when it happened between steps. Order and resume positions are unchanged: the
+batch from a worker (unpickling, attaching each tensor's shared memory) costs the receiving process time that a
+small model's step notices when it happens between steps (docs/BENCHMARKS.md §2.3). Order and resume positions are
+unchanged: the
 thread only receives, in order, what the sampler's iterator would give next anyway.
 
 Workers start from a fork server, not by forking the trainer: a worker forked from the trainer keeps the pages of
 everything the trainer held at that moment, and every in-place update of weights, gradients and optimizer state in
 host memory (CPU training, ZeRO-Offload) then copies them, so each worker start pinned another model's worth of
-memory (FLAVA-full on CPU: +5 GB per worker, until the kernel killed the job).
+memory (FLAVA-full on CPU, until the kernel killed the job: docs/BENCHMARKS.md §2.3).
 """
 
 from __future__ import annotations
