@@ -77,8 +77,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: list[str
 def skip_single_rank_allreduce(engine, dp_size: int) -> bool:
     """ZeRO-0 in fp32 with one data-parallel rank: nothing to all-reduce, yet DeepSpeed flattens every gradient into
     a buffer, "reduces" it over the 1-rank group and copies it back (a quarter of a FLAVA-full text step on one CPU
-    thread, docs/BENCHMARKS.md §2.3). Turn that off; the caller then runs `fill_unreduced_gradients` before each `engine.step()`, so the
-    update is the one the reduction gives. Mixed precision and ZeRO-1/2/3 keep DeepSpeed's own gradient path."""
+    thread, docs/BENCHMARKS.md §2.3). Turn that off; the caller then runs `fill_unreduced_gradients` before each
+    `engine.step()`, so the update is the one the reduction gives. Mixed precision and ZeRO-1/2/3 keep DeepSpeed's
+    own gradient path."""
     if dp_size > 1 or engine.zero_optimization_stage() != 0 or engine.bfloat16_enabled() or engine.fp16_enabled():
         return False
     engine.enable_backward_allreduce = False
