@@ -53,7 +53,9 @@ def test_template_ensembling_is_the_normalised_mean_of_normalised_prompt_embeddi
             by_hand.append(F.normalize(model.encode_text(ids, torch.ones_like(ids))[0], dim=-1))
         mean = torch.stack(by_hand).mean(0)
         torch.testing.assert_close(got[row], mean / mean.norm(), rtol=1e-5, atol=1e-6)
-        assert not torch.allclose(got[row], by_hand[0], atol=1e-3)  # the ensemble is not its first prompt
+        # the ensemble is not its first prompt (an untrained tiny model: the prompts differ by ~1e-3, the match is
+        # to ~1e-7)
+        assert (got[row] - by_hand[0]).abs().max() > 1e-4
 
 
 def test_templates_and_class_names_load_from_files(tmp_path):
