@@ -287,10 +287,10 @@ class Trainer:
         task = self.streams.task(self.step)
         batches = [self.streams.next_batch(task) for _ in range(self.accum)]  # small; their activations are not
         self._bad_local += sum(int(batch.pop(BAD_SAMPLES)) for batch in batches)
-        normalizers = self.engine.module.loss_normalizers(batches, across_ranks=True)
+        normalizers = self.engine.module.loss_normalizers(batches, across_ranks=True)  # counted on the host
+        batches = [{k: v.to(self.device, non_blocking=True) for k, v in batch.items()} for batch in batches]
         cache = self._contrastive_cache(batches)
         for micro, batch in enumerate(batches):
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             out = self.engine(
                 **batch, loss_normalizers=normalizers, contrastive_cache=cache.at(micro) if cache else None
             )
@@ -344,8 +344,7 @@ class Trainer:
         the whole global batch; None where a micro-batch already sees all of it or nothing is contrastive."""
         if self.accum == 1 or not self.config.train.contrastive_cache:
             return None
-        on_device = [{k: v.to(self.device, non_blocking=True) for k, v in batch.items()} for batch in batches]
-        return self.engine.module.contrastive_cache(on_device)
+        return self.engine.module.contrastive_cache(batches)
 
     def _clear_stale_zero3_gradients(self) -> None:
         """ZeRO-3 keeps each parameter's reduced gradient partition until that parameter gets a new one, so a
