@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import deepspeed
 
-    from flava_ds.train.lifecycle import exit_on_fatal_error
+    from flava_ds.train.signals import exit_on_fatal_error
     from flava_ds.train.trainer import COMPLETE_MARKER, STOPPED_MARKER, Trainer
 
     trainer = None

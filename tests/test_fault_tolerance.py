@@ -564,7 +564,7 @@ def test_pickled_weights_are_refused_on_every_load_path(tmp_path):
     sharded index) refuses a pickle payload instead of running it."""
     from flava_ds.model import CheckpointError, FlavaConfig, FlavaForPreTraining, load_codebook
     from flava_ds.train.config import InitConfig
-    from flava_ds.train.init import initialize_from_checkpoints
+    from flava_ds.train.warm_start import initialize_from_checkpoints
 
     marker = tmp_path / "pwned"
 

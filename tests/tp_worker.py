@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flava_ds.model import FlavaConfig, FlavaForPreTraining
 from flava_ds.parallel import state
-from flava_ds.parallel.checkpoint import full_state_template
+from flava_ds.parallel.sharding import full_state_template
 from flava_ds.parallel.layers import gather_vocab_logits
 from tests.model_inputs import make_batches
 

@@ -26,8 +26,8 @@ from flava_ds.model.encoders import ImageEncoder, MultimodalEncoder, TextEncoder
 from flava_ds.model.heads import ITMHead, MaskedPredictionHead
 from flava_ds.model.hf_io import expect_keys, read_config, read_state_dict, write_checkpoint
 from flava_ds.model.transformer import positions_first
-from flava_ds.parallel import checkpoint as tp_checkpoint
-from flava_ds.parallel.layers import TensorParallelLinear
+from flava_ds.parallel import sharding
+from flava_ds.parallel.layers import TensorParallelLinearMixin
 from flava_ds.parallel.state import data_parallel_group, is_global_rank_zero, tensor_parallel_size
 
 IGNORE_INDEX = -100
@@ -169,7 +169,7 @@ class FlavaForPreTraining(nn.Module):
             nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, TensorParallelLinear):
+        elif isinstance(module, TensorParallelLinearMixin):
             module.init_normal_(std)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=std)
@@ -184,11 +184,11 @@ class FlavaForPreTraining(nn.Module):
         """The state dict at tensor-parallel size 1 (shards gathered, vocabulary padding dropped) on every rank.
         Collective over the TP group; equals `state_dict()` without tensor parallelism. `local` overrides this
         rank's tensors by name (e.g. DeepSpeed's fp32 master weights of a bf16 model)."""
-        return tp_checkpoint.full_state_dict(self, local)
+        return sharding.full_state_dict(self, local)
 
     def load_full_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load a TP = 1 state dict; under tensor parallelism each rank keeps its shards."""
-        tp_checkpoint.load_full_state_dict(self, state)
+        sharding.load_full_state_dict(self, state)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Our own export: `config.json` (format flava_ds, the FlavaConfig) + fp32 `model.safetensors`.

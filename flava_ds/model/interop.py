@@ -14,7 +14,7 @@ import torch
 
 from flava_ds.model.config import FlavaConfig, ImageConfig, MultimodalConfig, TextConfig, merge_overrides
 from flava_ds.model.hf_io import CheckpointError, expect_keys, read_config, read_state_dict, write_checkpoint
-from flava_ds.parallel.checkpoint import full_state_template
+from flava_ds.parallel.sharding import full_state_template
 from flava_ds.parallel.state import is_global_rank_zero
 
 if TYPE_CHECKING:

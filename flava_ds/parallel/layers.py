@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from flava_ds.parallel.checkpoint import full_shape, shard_like
+from flava_ds.parallel.sharding import full_shape, shard_like
 from flava_ds.parallel.state import tensor_parallel_group, tensor_parallel_size
 
 VOCAB_PADDING = 128  # megatron's make_vocab_size_divisible_by: the padded vocabulary is a multiple of 128 * T
@@ -31,7 +31,7 @@ def padded_vocab_size(vocab_size: int, world: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-class TensorParallelLinear:
+class TensorParallelLinearMixin:
     """What the megatron-core layers share here: `nn.Linear`'s call, state-dict keys and initialisation.
 
     megatron returns (output, bias) and adds an empty `_extra_state` key for Transformer Engine; both are hidden.

@@ -2,7 +2,7 @@
 
 Built with `use_cpu_initialization=True` (allocation follows the default device, so CPU, CUDA and meta all work
 and no CUDA RNG tracker is touched) and `perform_initialization=False`: the model initialises every weight itself
-(`TensorParallelLinear.init_normal_`), so weights do not depend on T.
+(`TensorParallelLinearMixin.init_normal_`), so weights do not depend on T.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from megatron.core import tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
-from flava_ds.parallel.layers import TensorParallelLinear, padded_vocab_size
+from flava_ds.parallel.layers import TensorParallelLinearMixin, padded_vocab_size
 from flava_ds.parallel.state import tensor_parallel_group, tensor_parallel_rank, tensor_parallel_size
 
 
@@ -25,7 +25,7 @@ def _config() -> ModelParallelConfig:
     )
 
 
-class ColumnParallel(TensorParallelLinear, tensor_parallel.ColumnParallelLinear):
+class ColumnParallel(TensorParallelLinearMixin, tensor_parallel.ColumnParallelLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, stride: int = 1):
         super().__init__(
             in_features,
@@ -42,7 +42,7 @@ class ColumnParallel(TensorParallelLinear, tensor_parallel.ColumnParallelLinear)
         set_tensor_model_parallel_attributes(self.weight, True, 0, stride)
 
 
-class RowParallel(TensorParallelLinear, tensor_parallel.RowParallelLinear):
+class RowParallel(TensorParallelLinearMixin, tensor_parallel.RowParallelLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__(
             in_features,

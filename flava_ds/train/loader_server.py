@@ -3,7 +3,7 @@
 Importing it makes the calling process ignore SIGTERM and SIGUSR1. The fork server is part of a rank's process
 tree, so SLURM's signals and the DeepSpeed launcher's forwarded SIGTERM reach it too; if it died, every loader
 worker would see its parent gone and exit, and the trainer would fail before it could save its checkpoint.
-Stopping is the trainer's decision (`flava_ds.train.lifecycle.StopSignal`). The server exits with the trainer,
+Stopping is the trainer's decision (`flava_ds.train.signals.StopSignal`). The server exits with the trainer,
 when the trainer's end of its pipe closes.
 """
 

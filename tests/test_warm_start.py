@@ -9,7 +9,7 @@ import transformers
 
 from flava_ds.model import CheckpointError, FlavaConfig, FlavaForPreTraining
 from flava_ds.train.config import InitConfig
-from flava_ds.train.init import initialize_from_checkpoints
+from flava_ds.train.warm_start import initialize_from_checkpoints
 
 
 def _model(seed: int) -> FlavaForPreTraining:
