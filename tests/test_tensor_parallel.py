@@ -18,8 +18,8 @@ import torch
 from flava_ds.model import FlavaConfig, FlavaForPreTraining
 from flava_ds.model.config import validate_for_tensor_parallel
 from flava_ds.model.hf_io import read_config, read_state_dict
-from flava_ds.parallel.sharding import merge, shard
 from flava_ds.parallel.layers import column_parallel_linear, padded_vocab_size, vocab_parallel_linear
+from flava_ds.parallel.sharding import merge, shard
 from tests import tp_worker
 
 ROOT = Path(__file__).resolve().parents[1]

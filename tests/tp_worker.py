@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flava_ds.model import FlavaConfig, FlavaForPreTraining
 from flava_ds.parallel import state
-from flava_ds.parallel.sharding import full_state_template
 from flava_ds.parallel.layers import gather_vocab_logits
+from flava_ds.parallel.sharding import full_state_template
 from tests.model_inputs import make_batches
 
 SEED = 11

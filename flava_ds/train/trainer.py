@@ -46,12 +46,12 @@ from flava_ds.train.config import RunConfig, model_config_of
 from flava_ds.train.elastic import TOPOLOGY, Topology
 from flava_ds.train.faults import FAULTS, log_samples
 from flava_ds.train.flops import batch_flops, batch_tokens, peak_tflops
-from flava_ds.train.warm_start import initialize_from_checkpoints
-from flava_ds.train.signals import LauncherWatch, StopSignal
 from flava_ds.train.metrics_file import MetricsFile
 from flava_ds.train.scalar_sinks import ScalarSinks
 from flava_ds.train.sidecars import data_sources, run_sidecars
+from flava_ds.train.signals import LauncherWatch, StopSignal
 from flava_ds.train.streams import TrainStreams
+from flava_ds.train.warm_start import initialize_from_checkpoints
 
 log = logging.getLogger("flava_ds.train")
 COMPLETE_MARKER = "flava_ds: training complete"
