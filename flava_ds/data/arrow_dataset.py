@@ -13,8 +13,6 @@ naming nothing. Rows are addressed by a global index over the shards in shard or
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,56 +21,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-
-class ShardError(ValueError):
-    """A shard directory that cannot be read as recorded (names the offending file)."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def check_file(path: Path, entry: dict, verify_checksums: bool) -> None:
-    """A file against its manifest entry: present, the recorded size, and (on request) the recorded sha256."""
-    if not path.is_file():
-        raise ShardError(f"{path}: file listed in the manifest is missing")
-    size = path.stat().st_size
-    if size != entry["size"]:
-        raise ShardError(f"{path}: {size} bytes, the manifest records {entry['size']} (truncated or replaced?)")
-    if verify_checksums and _sha256(path) != entry["sha256"]:
-        raise ShardError(f"{path}: sha256 differs from the manifest (corrupt file)")
-
-
-def read_manifests(directory: Path) -> list[dict]:
-    """Every converter machine's manifest of `directory` (each with its file as ``_path``), checked to agree."""
-    paths = sorted(directory.glob("manifest*.json"))
-    if not paths:
-        raise ShardError(f"{directory}: no manifest.json (not a preprocessing output directory?)")
-    manifests = []
-    for path in paths:
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ShardError(f"{path}: unreadable manifest: {e}") from None
-        if not manifest.get("complete"):
-            raise ShardError(f"{path}: the conversion did not finish (complete=false); re-run it to resume")
-        manifest["_path"] = str(path)
-        manifests.append(manifest)
-    first = manifests[0]
-    for m in manifests[1:]:
-        for key in ("kind", "fingerprints", "num_shards"):
-            if m.get(key) != first.get(key):
-                raise ShardError(
-                    f"{m['_path']}: {key} differs from {first['_path']} ({m.get(key)} vs {first.get(key)})"
-                )
-    nodes = sorted(m.get("shard_index", 0) for m in manifests)
-    if nodes != list(range(first.get("num_shards", 1))):
-        raise ShardError(f"{directory}: manifests of machines {nodes} present, expected 0..{first['num_shards'] - 1}")
-    return manifests
+from flava_ds.shard_format import INPUT_IDS, ShardError, check_file, read_manifests
 
 
 class ArrowShards:
@@ -159,9 +108,6 @@ class ArrowShards:
         return {name: _value(batch.column(name), r) for name in (columns or self.column_names)}
 
 
-LENGTH_LIMITED = "input_ids"  # the token lists cut to the manifest's --max-length by preprocess/pairs.py
-
-
 def check_batches(path: Path, reader: pa.ipc.RecordBatchFileReader, max_length: int | None) -> int:
     """The file's row count, after checking every record batch's structure and variable-length offsets.
 
@@ -175,9 +121,7 @@ def check_batches(path: Path, reader: pa.ipc.RecordBatchFileReader, max_length: 
             innermost = (
                 not (pa.types.is_list(kind) or pa.types.is_large_list(kind)) or _offset_dtype(kind.value_type) is None
             )
-            plan.append(
-                (i, field.name, depth, dtype, max_length if field.name == LENGTH_LIMITED and innermost else None)
-            )
+            plan.append((i, field.name, depth, dtype, max_length if field.name == INPUT_IDS and innermost else None))
             if not (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
                 break
             kind, depth = kind.value_type, depth + 1

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from flava_ds.shard_format import IGNORE_INDEX
 
 
 def random_non_special(rng: np.random.Generator, size: int, vocab_size: int, special_ids: Iterable[int]) -> np.ndarray:

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from flava_ds.data.arrow_dataset import ShardError, check_file
-from flava_ds.data.masking import IGNORE_INDEX, mask_tokens
+from flava_ds.data.masking import mask_tokens
 from flava_ds.data.sampler import SampleKey, sample_rng
 from flava_ds.data.tokenizer import Tokenizer
 from flava_ds.data.tolerant import check_ids
+from flava_ds.shard_format import IGNORE_INDEX, ShardError, check_file, manifest_paths
 
 with warnings.catch_warnings():
     # megatron-core warns that Apex / Transformer Engine are missing; the indexed format needs neither.
@@ -50,7 +50,7 @@ def resolve_prefixes(paths: str | Path | Sequence[str | Path]) -> list[str]:
     for item in items:
         item = Path(item)
         if item.is_dir():
-            manifests = sorted(item.glob("manifest*.json"))
+            manifests = manifest_paths(item)
             merged = [json.loads(m.read_text()).get("merged") for m in manifests]
             if not manifests or None in merged:
                 raise FileNotFoundError(f"{item}: no finished preprocess/text.py output (manifest with merged files)")
@@ -65,7 +65,7 @@ def resolve_prefixes(paths: str | Path | Sequence[str | Path]) -> list[str]:
 def merged_manifest(prefix: str | Path) -> tuple[Path, dict] | None:
     """(path, contents) of the `preprocess/text.py` manifest that merged `prefix` (None for a bare prefix)."""
     prefix = Path(prefix)
-    for path in prefix.parent.glob("manifest*.json"):
+    for path in manifest_paths(prefix.parent):
         manifest = json.loads(path.read_text())
         if (manifest.get("merged") or {}).get("prefix") == prefix.name:
             return path, manifest

@@ -9,7 +9,6 @@ like `encode` (what an exported `transformers` directory ships).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -18,6 +17,8 @@ import numpy as np
 import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+from flava_ds.shard_format import file_sha256
 
 # Accepted spellings of each special role, BERT style first.
 SPECIAL_NAMES: dict[str, tuple[str, ...]] = {
@@ -39,11 +40,7 @@ class TokenizerError(ValueError):
 
 def file_fingerprint(path: str | Path) -> str:
     """Short sha256 of a file: identifies the exact tokenizer in manifests and checkpoints."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 def _bert_wordpiece(vocab_path: Path, lowercase: bool) -> HFTokenizer:
