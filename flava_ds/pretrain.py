@@ -22,15 +22,22 @@ if __package__ in (None, ""):  # run as a script: make the package importable wi
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+# Megatron-style flags that stand for a run-config key: (flag, type, the key it overrides, help).
+SHORTCUTS: tuple[tuple[str, type, str, str], ...] = (
+    ("--save", str, "checkpoint.save", "checkpoint directory"),
+    ("--load", str, "checkpoint.load", "resume from this checkpoint directory's latest"),
+    ("--tensorboard-dir", str, "logging.tensorboard_dir", "TensorBoard log directory"),
+    ("--train-steps", int, "train.steps", "optimizer steps"),
+    ("--tensor-model-parallel-size", int, "train.tensor_parallel_size", "TP size"),
+)
+
+
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--deepspeed_config", required=True, help="DeepSpeed JSON config (ds_configs/*.json)")
     parser.add_argument("--config", help="run YAML (configs/*.yaml)")
-    parser.add_argument("--save", help="checkpoint directory (checkpoint.save)")
-    parser.add_argument("--load", help="resume from this checkpoint directory's latest (checkpoint.load)")
-    parser.add_argument("--tensorboard-dir", help="TensorBoard log directory (logging.tensorboard_dir)")
-    parser.add_argument("--train-steps", type=int, help="optimizer steps (train.steps)")
-    parser.add_argument("--tensor-model-parallel-size", type=int, help="TP size (train.tensor_parallel_size)")
+    for flag, kind, key, text in SHORTCUTS:
+        parser.add_argument(flag, type=kind, help=f"{text} ({key})")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args(argv)
     overrides: list[tuple[str, str]] = []
@@ -46,15 +53,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
             value, i = rest[i + 1], i + 1
         overrides.append((key, value))
         i += 1
-    for flag, key in (
-        ("save", "checkpoint.save"),
-        ("load", "checkpoint.load"),
-        ("tensorboard_dir", "logging.tensorboard_dir"),
-        ("train_steps", "train.steps"),
-        ("tensor_model_parallel_size", "train.tensor_parallel_size"),
-    ):
-        if getattr(args, flag) is not None:
-            overrides.append((key, str(getattr(args, flag))))
+    for flag, _, key, _ in SHORTCUTS:
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            overrides.append((key, str(value)))
     return args, overrides
 
 

@@ -30,35 +30,56 @@ import tempfile
 import time
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flava_ds.train.config import RunConfig
 
 if __package__ in (None, ""):  # run as a script: make the repository importable without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+# What to evaluate and with what, each a path or a name: (flag, help).
+INPUTS: tuple[tuple[str, str], ...] = (
+    ("--tag", "with a DeepSpeed checkpoint dir: the tag (default: its 'latest')"),
+    ("--tokenizer", "tokenizer.json / vocab.txt / sentencepiece .model (default: in --model)"),
+    ("--zero-shot", "labelled image shards for zero-shot classification"),
+    ("--class-names", "class names in label order: JSON list/object or lines label<TAB>name"),
+    ("--templates", "prompt templates: simple (default), ensemble, or a file"),
+    ("--retrieval", "held-out image-text shards: retrieval R@1/5/10, ITM, MIM"),
+    ("--captions", "COCO caption JSON or Karpathy split JSON: retrieval on raw images"),
+    ("--image-root", "with --captions: the directory the image file names are under"),
+    ("--split", "with a Karpathy split file: the split to score (e.g. test)"),
+    ("--text", "held-out text shards: MLM accuracy"),
+    ("--probe-train", "labelled image shards to fit the linear probe on"),
+    ("--probe-val", "labelled image shards to score the linear probe on"),
+)
+# Settings the in-training evaluation takes from the run config, so their defaults come from --run-config (else
+# a default run's): (flag, type, run-config key, help).
+RUN_SETTINGS: tuple[tuple[str, type, str, str], ...] = (
+    ("--max-samples", int, "eval.max_samples", "per evaluation"),
+    ("--batch-size", int, "eval.batch_size", "per forward pass"),
+    ("--text-max-length", int, "data.text_max_length", "held-out text windows for MLM"),
+    ("--mlm-prob", float, "data.mlm_prob", "MLM masking probability"),
+)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from flava_ds.train.config import ConfigError, RunConfig
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="DeepSpeed checkpoint dir, flava_ds export or transformers dir")
-    parser.add_argument("--tag", help="with a DeepSpeed checkpoint dir: the tag (default: its 'latest')")
-    parser.add_argument("--tokenizer", help="tokenizer.json / vocab.txt / sentencepiece .model (default: in --model)")
-    parser.add_argument("--zero-shot", help="labelled image shards for zero-shot classification")
-    parser.add_argument("--class-names", help="class names in label order: JSON list/object or lines label<TAB>name")
-    parser.add_argument("--templates", help="prompt templates: simple (default), ensemble, or a file")
-    parser.add_argument("--retrieval", help="held-out image-text shards: retrieval R@1/5/10, ITM, MIM")
-    parser.add_argument("--captions", help="COCO caption JSON or Karpathy split JSON: retrieval on raw images")
-    parser.add_argument("--image-root", help="with --captions: the directory the image file names are under")
-    parser.add_argument("--split", help="with a Karpathy split file: the split to score (e.g. test)")
-    parser.add_argument("--text", help="held-out text shards: MLM accuracy")
-    parser.add_argument("--probe-train", help="labelled image shards to fit the linear probe on")
-    parser.add_argument("--probe-val", help="labelled image shards to score the linear probe on")
+    for flag, text in INPUTS:
+        parser.add_argument(flag, help=text)
+    keys = [key for _, _, key, _ in RUN_SETTINGS]
     parser.add_argument(
         "--run-config",
-        help="a run YAML: its eval.prompts, eval.max_samples, eval.batch_size, data.text_max_length "
-        "and data.mlm_prob become the defaults (the in-training evaluation's settings)",
+        help=f"a run YAML: its eval.prompts, {', '.join(keys)} become the defaults (the in-training evaluation's "
+        "settings)",
     )
-    parser.add_argument("--max-samples", type=int, help="per evaluation (eval.max_samples; default 512)")
-    parser.add_argument("--batch-size", type=int, help="default 32")
-    parser.add_argument("--text-max-length", type=int, help="held-out text windows for MLM (default 128)")
-    parser.add_argument("--mlm-prob", type=float, help="default 0.15")
+    default_run = RunConfig()
+    for flag, kind, key, text in RUN_SETTINGS:
+        parser.add_argument(flag, type=kind, help=f"{text} ({key}; default {_setting(default_run, key)})")
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--json", help="write the metrics and the settings to this JSON file")
     parser.add_argument("--tensorboard-dir", help="also write the metrics as eval/* scalars at --step")
@@ -70,21 +91,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("raw-image retrieval needs both --captions and --image-root")
     if not (args.zero_shot or args.retrieval or args.captions or args.text or args.probe_train):
         parser.error("nothing to evaluate: give --zero-shot, --retrieval, --text and/or --probe-train/--probe-val")
-    from flava_ds.train.config import ConfigError, RunConfig
-
     try:
-        run_config = RunConfig.load(args.run_config, []) if args.run_config else RunConfig()
+        run_config = RunConfig.load(args.run_config, []) if args.run_config else default_run
     except ConfigError as err:
         parser.error(f"--run-config: {err}")
-    defaults = {
-        "max_samples": run_config.eval.max_samples,
-        "batch_size": run_config.eval.batch_size,
-        "text_max_length": run_config.data.text_max_length,
-        "mlm_prob": run_config.data.mlm_prob,
-    }
-    for name, value in defaults.items():
+    for flag, _, key, _ in RUN_SETTINGS:
+        name = flag[2:].replace("-", "_")
         if getattr(args, name) is None:
-            setattr(args, name, value)
+            setattr(args, name, _setting(run_config, key))
     from flava_ds.train.evaluate import load_templates
 
     try:  # the prompt templates as a list: the named set or file, else the run's eval.prompts (default: simple)
@@ -92,6 +106,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except ValueError as err:
         parser.error(str(err))
     return args
+
+
+def _setting(run_config: RunConfig, key: str) -> Any:
+    """The run config's value at a dotted `key` (`eval.max_samples`)."""
+    section, name = key.split(".")
+    return getattr(getattr(run_config, section), name)
 
 
 def load_model(path: Path, tag: str | None, scratch: Path):

@@ -9,27 +9,32 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from flava_ds.dataclass_config import build
 from flava_ds.model.hf_io import CheckpointError, expect_keys, read_config, read_state_dict, write_checkpoint
 
 
 @dataclass
 class CodebookConfig:
-    hidden_size: int = 256
-    num_groups: int = 4
+    """The dVAE's shape; field names follow transformers' `FlavaImageCodebookConfig`, so its config.json loads."""
+
+    hidden_size: int = 256  # the first group's width; each later group doubles it
+    num_groups: int = 4  # all but the last halve the grid: 224 px -> 28 x 28 tokens for 4 groups
     num_blocks_per_group: int = 2
-    vocab_size: int = 8192
+    vocab_size: int = 8192  # the codes: the model's image.codebook_vocab_size must match
     input_channels: int = 3
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> CodebookConfig:
+    def preset(cls, name: str, **overrides: Any) -> CodebookConfig:
+        """A named preset with overrides, each checked like the model config's (`build`)."""
         presets = {"dalle": {}, "tiny": {"hidden_size": 8, "num_blocks_per_group": 1, "vocab_size": 64}}
         if name not in presets:
             raise ValueError(f"unknown codebook preset {name!r}; choose one of {sorted(presets)}")
-        return cls(**{**presets[name], **overrides})
+        return build(cls, {**presets[name], **overrides}, "codebook")
 
 
 class _ResPath(nn.Module):

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from flava_ds.dataclass_config import build, merge_overrides
+
 ATTN_IMPLS = ("sdpa", "eager", "triton")
 
 
@@ -81,7 +83,7 @@ class FlavaConfig:
         for name, cls in (("image", ImageConfig), ("text", TextConfig), ("multimodal", MultimodalConfig)):
             value = getattr(self, name)
             if isinstance(value, dict):
-                setattr(self, name, _build(cls, value, name))
+                setattr(self, name, build(cls, value, "model", name))
         self.validate()
 
     def validate(self) -> None:
@@ -113,8 +115,9 @@ class FlavaConfig:
         return cls.from_dict(merge_overrides(PRESETS[name], overrides))
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FlavaConfig:
-        return _build(cls, values, "model")
+    def from_dict(cls, values: dict[str, Any], doc: str = "model", key: str = "") -> FlavaConfig:
+        """Every value converted to its declared type; a bad key or value is named at `doc.key` (see `build`)."""
+        return build(cls, values, doc, key)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,25 +132,6 @@ def validate_for_tensor_parallel(config: FlavaConfig, tensor_parallel_size: int)
                 raise ValueError(
                     f"{name}.{key}={getattr(enc, key)} is not divisible by tensor_parallel_size={tensor_parallel_size}"
                 )
-
-
-def _build(cls: type, values: dict[str, Any], where: str):
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-    return cls(**values)
-
-
-def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge `overrides` into a config dict (nested encoder sections merge key by key)."""
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_overrides(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def _encoder(hidden: int, layers: int, heads: int, **extra: Any) -> dict[str, Any]:

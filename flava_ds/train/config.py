@@ -19,45 +19,18 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from flava_ds.dataclass_config import ConfigError, bounded, build, coerce, merge_overrides
+
+if TYPE_CHECKING:
+    from flava_ds.model.config import FlavaConfig
+
 STREAMS = ("image_text", "image", "text")
-
-
-class ConfigError(ValueError):
-    """A run configuration that cannot work; the message names the key and what to do."""
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """The values a number field accepts: `low`/`high` inclusive unless `open` names that end."""
-
-    low: float | None = None
-    high: float | None = None
-    open: str = ""  # "low", "high" or "both"
-
-    def check(self, value: float, key: str) -> None:
-        low_ok = self.low is None or (value > self.low if self.open in ("low", "both") else value >= self.low)
-        high_ok = self.high is None or (value < self.high if self.open in ("high", "both") else value <= self.high)
-        if not (low_ok and high_ok and math.isfinite(value)):
-            raise ConfigError(f"{key}: {value!r} is outside {self}")
-
-    def __str__(self) -> str:
-        left = "(" if self.open in ("low", "both") else "["
-        right = ")" if self.open in ("high", "both") else "]"
-        return f"{left}{'-inf' if self.low is None else self.low}, {'inf' if self.high is None else self.high}{right}"
-
-
-def bounded(default: Any, low: float | None = None, high: float | None = None, open: str = "") -> Any:
-    """A dataclass field whose value `_build` checks against [low, high] (or the open ends named)."""
-    return field(default=default, metadata={"bounds": Bounds(low, high, open)})
 
 
 @dataclass
@@ -96,6 +69,17 @@ class DataSection:
     # samples that fail to read or decode are replaced and counted; more than this fraction of the samples read
     # stops the run (checked once 1/fraction samples were read, so one early bad sample cannot stop it)
     max_bad_sample_fraction: float = bounded(0.001, 0.0, 1.0)
+
+    def active_ratios(self) -> dict[str, float]:
+        """The tasks the run draws batches from (ratio > 0) with their ratios, once the ratios are checked: the one
+        place the run's validation, its data check and its loaders learn which streams it reads."""
+        ratios = self.task_ratios
+        unknown = sorted(set(ratios) - set(STREAMS))
+        if unknown:
+            raise ConfigError(f"data.task_ratios: unknown task(s) {unknown}; tasks are {list(STREAMS)}")
+        if not any(r > 0 for r in ratios.values()) or any(r < 0 for r in ratios.values()):
+            raise ConfigError(f"data.task_ratios must be non-negative with at least one positive: {ratios}")
+        return {task: ratio for task, ratio in ratios.items() if ratio > 0}
 
 
 @dataclass
@@ -207,7 +191,7 @@ class RunConfig:
             except yaml.YAMLError as err:
                 raise ConfigError(f"--{dotted} {value!r}: not a YAML value ({' '.join(str(err).split())})") from err
             _set_dotted(raw, dotted, parsed)
-        return _build(cls, raw, "config")
+        return build(cls, raw, "config")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -223,90 +207,6 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _build(cls: type, values: Any, where: str):
-    """Build nested dataclasses from a dict: every value converted to its field's declared type and checked
-    against the field's bounds, any unknown key named with its full path."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{where}.{name}".removeprefix("config.")
-        kwargs[name] = _coerce(value, hints[name], key)
-        bounds = known[name].metadata.get("bounds")
-        if bounds is not None and kwargs[name] is not None:
-            bounds.check(kwargs[name], key)
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """`value` as the declared type `hint`. YAML 1.1 reads `1e-3` as a string: a float field accepts it."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"config.{key}")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        arms = [a for a in args if a is not type(None)]
-        errors = []
-        for arm in arms:
-            try:
-                return _coerce(value, arm, key)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {arms}")
-    if origin in (list, tuple):
-        if isinstance(value, str) and origin is list:  # `--data.text.paths shards/x`: a one-element list
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        item = args[0] if args else Any
-        return origin(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        value_type = args[1] if args else Any
-        return {k: _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()}
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint in (int, float):
-        number = _number(value)
-        if number is None or (hint is int and number != int(number)):
-            kind = "an integer" if hint is int else "a number"
-            raise ConfigError(f"{key}: expected {kind}, got {value!r}")
-        return hint(number)
-    if hint is str:
-        if isinstance(value, (dict, list, bool)) or value is None:
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    raise TypeError(f"{key}: no conversion to {hint}")  # a field type this function does not know: a code bug
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
-        return value
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return None
-    return None
-
-
 def load_deepspeed_config(path: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -315,20 +215,13 @@ def load_deepspeed_config(path: str | Path, overrides: dict[str, Any]) -> dict[s
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: invalid JSON ({err})") from err
-    return _deep_merge(config, overrides)
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    return merge_overrides(config, overrides)
 
 
 def batch_geometry(ds_config: dict[str, Any], dp_size: int) -> tuple[int, int, int]:
     """(micro batch per rank, accumulation steps, global batch) from a DeepSpeed config, filled like DeepSpeed."""
     micro, accum, total = (
-        _coerce(ds_config.get(key), int | None, f"deepspeed.{key}")
+        coerce(ds_config.get(key), int | None, "config", f"deepspeed.{key}")
         for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
     )
     for value, key in ((micro, "train_micro_batch_size_per_gpu"), (accum, "gradient_accumulation_steps")):
@@ -359,20 +252,15 @@ def validate(config: RunConfig, ds_config: dict[str, Any], world_size: int) -> t
             f"train.global_batch_size={config.train.global_batch_size} but micro batch {micro} x accumulation "
             f"{accum} x data-parallel size {world_size // tp} = {total}; fix one of them"
         )
-    ratios = config.data.task_ratios
-    unknown = sorted(set(ratios) - set(STREAMS))
-    if unknown:
-        raise ConfigError(f"data.task_ratios: unknown task(s) {unknown}; tasks are {list(STREAMS)}")
-    if not any(r > 0 for r in ratios.values()) or any(r < 0 for r in ratios.values()):
-        raise ConfigError(f"data.task_ratios must be non-negative with at least one positive: {ratios}")
+    active = config.data.active_ratios()
     if not all(0.0 <= b < 1.0 for b in config.optimizer.betas):
         raise ConfigError(f"optimizer.betas: {list(config.optimizer.betas)} must each be in [0, 1)")
     for template in config.eval.prompts:
         if "{}" not in template:
             raise ConfigError(f"eval.prompts: {template!r} has no '{{}}' where the class name goes")
-    for task, ratio in ratios.items():
+    for task, ratio in config.data.task_ratios.items():
         stream: StreamConfig = getattr(config.data, task)
-        if ratio > 0 and not stream.paths:
+        if task in active and not stream.paths:
             raise ConfigError(f"data.task_ratios.{task}={ratio} but data.{task}.paths is empty: give it shard dirs")
         if stream.weights is not None and len(stream.weights) != len(stream.paths):
             raise ConfigError(f"data.{task}.weights has {len(stream.weights)} entries for {len(stream.paths)} paths")
@@ -387,7 +275,7 @@ def validate(config: RunConfig, ds_config: dict[str, Any], world_size: int) -> t
         for p in getattr(config.data, task).paths:
             if not Path(p).exists():
                 raise ConfigError(f"data.{task}.paths: {p} does not exist; run the preprocess tools first")
-    needs_text = any(ratios.get(t, 0) > 0 for t in ("image_text", "text")) or config.eval.image_text
+    needs_text = active.keys() & {"image_text", "text"} or config.eval.image_text
     if needs_text and not (config.data.tokenizer and Path(config.data.tokenizer).is_file()):
         raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} is not a file; text streams need the tokenizer")
     for key in ("image_text", "classification", "text"):
@@ -397,16 +285,16 @@ def validate(config: RunConfig, ds_config: dict[str, Any], world_size: int) -> t
     return micro, accum, total
 
 
-def model_config_of(config: RunConfig):
+def model_config_of(config: RunConfig) -> FlavaConfig:
     """The run's `FlavaConfig` (preset + overrides, each value converted to its declared type), checked for the
     run's tensor-parallel size; a `ConfigError` naming the bad key otherwise."""
-    from flava_ds.model.config import PRESETS, FlavaConfig, merge_overrides, validate_for_tensor_parallel
+    from flava_ds.model.config import PRESETS, FlavaConfig, validate_for_tensor_parallel
 
     if config.model.preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {config.model.preset!r}; choose one of {sorted(PRESETS)}")
     merged = merge_overrides(PRESETS[config.model.preset], config.model.overrides)
     try:
-        model_config = _build(FlavaConfig, merged, "config.model.overrides")
+        model_config = FlavaConfig.from_dict(merged, "config", "model.overrides")
         validate_for_tensor_parallel(model_config, config.train.tensor_parallel_size)
     except ConfigError:
         raise

@@ -52,11 +52,11 @@ def check_data(config: RunConfig, model_config: FlavaConfig) -> None:
 
 def _sources(config: RunConfig) -> list[tuple[str, str, str]]:
     """(config key, kind, path) of every shard path the run reads."""
-    ratios = config.data.task_ratios
+    active = config.data.active_ratios()
     sources = [
         (f"data.{task}.paths", task, path)
         for task in (CAPTIONS, IMAGES, TEXT)
-        if ratios.get(task, 0) > 0
+        if task in active
         for path in getattr(config.data, task).paths
     ]
     for key, kind in ((CAPTIONS, CAPTIONS), ("classification", CLASSIFICATION), ("text", TEXT)):
