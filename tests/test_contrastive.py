@@ -2,33 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.contrastive_reference import contrastive_model, global_batch
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.launch import ROOT, run_worker
 
 
 def _run(world: int, variant: str, out: Path) -> dict:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={world}",
-        str(ROOT / "tests" / "contrastive_worker.py"),
-        str(out),
-        variant,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_worker(ROOT / "tests" / "contrastive_worker.py", world, str(out), variant)
     ranks = [torch.load(out / f"rank{r}.pt") for r in range(world)]
     for other in ranks[1:]:  # after the all-reduce every rank holds the same averaged gradients
         for name, grad in ranks[0]["grads"].items():

@@ -14,7 +14,7 @@ from flava_ds.model import FlavaConfig, FlavaForPreTraining
 from flava_ds.train.evaluate import TEMPLATE_SETS, class_embeddings, load_class_names, load_templates, retrieval_recall
 from flava_ds.train.linear_probe import fit_logistic_regression, linear_probe
 from tests.data_fixtures import make_tokenizer
-from tests.train_fixtures import ROOT
+from tests.launch import ROOT
 
 
 def test_coco_retrieval_counts_a_hit_when_any_caption_of_the_image_is_in_the_top_k():

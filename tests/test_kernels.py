@@ -10,7 +10,6 @@ Checks that need a clean process (no interpreter, no Triton, compiling for the G
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -25,11 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from flava_ds.kernels import flash_attention
+from tests.launch import ROOT, python_env
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 Tensors = dict[str, torch.Tensor]
 
@@ -142,17 +141,6 @@ torch.save(module.run_cases(), sys.argv[2])
 """
 
 
-def _python_env(updates: dict[str, str | None]) -> dict[str, str]:
-    env = dict(os.environ)
-    for key, value in updates.items():
-        if value is None:
-            env.pop(key, None)
-        else:
-            env[key] = value
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return env
-
-
 @pytest.fixture(scope="module")
 def results() -> dict[str, tuple[Case, Tensors, Tensors | str]]:
     """Kernel results for every case (computed once), next to the CPU inputs for the reference."""
@@ -163,7 +151,7 @@ def results() -> dict[str, tuple[Case, Tensors, Tensors | str]]:
             out_path = Path(tmp, "results.pt")
             proc = subprocess.run(
                 [sys.executable, "-c", _CHILD, __file__, str(out_path)],
-                env=_python_env({"TRITON_INTERPRET": "1"}), cwd=REPO_ROOT, capture_output=True, text=True,
+                env=python_env({"TRITON_INTERPRET": "1"}), cwd=ROOT, capture_output=True, text=True,
                 timeout=600,
             )  # fmt: skip
             assert proc.returncode == 0, proc.stderr[-4000:]
@@ -244,7 +232,7 @@ def test_rejects_bad_inputs() -> None:
 
 def _run_python(code: str, env_updates: dict[str, str | None]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=_python_env(env_updates), cwd=REPO_ROOT,
+        [sys.executable, "-c", textwrap.dedent(code)], env=python_env(env_updates), cwd=ROOT,
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
 

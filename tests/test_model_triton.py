@@ -6,15 +6,14 @@ started with TRITON_INTERPRET=1 (see tests/test_kernels.py).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.launch import ROOT, python_env
+
 pytest.importorskip("triton")
-ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import torch
@@ -41,7 +40,7 @@ for kind, batch in make_batches(sdpa.config, batch=3, seq_len=7, seed=1).items()
 
 
 def test_triton_attention_model_equals_sdpa():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env = python_env({"TRITON_INTERPRET": "1"})
     result = subprocess.run(
         [sys.executable, "-c", CHILD], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600
     )

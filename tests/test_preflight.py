@@ -23,7 +23,8 @@ from flava_ds.data.tolerant import TolerantDataset
 from flava_ds.train.config import ConfigError, RunConfig, model_config_of
 from flava_ds.train.preflight import check_data
 from tests.data_fixtures import CODEBOOK
-from tests.train_fixtures import ROOT, make_training_data, write_run_config
+from tests.launch import ROOT
+from tests.train_fixtures import make_training_data, write_run_config
 
 POSITIONS = 80  # the tiny preset's text.max_position_embeddings
 IDX_HEADER = 9 + 8 + 1 + 8 + 8  # Megatron .idx: magic, version, dtype code, sequence count, document count

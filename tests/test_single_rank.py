@@ -3,23 +3,13 @@ exactly the updates the reduction makes, unused parameters included."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.launch import ROOT, run_worker
 
 
 def test_single_rank_without_allreduce_updates_exactly_as_with_it(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
-    cmd += [str(ROOT / "tests" / "single_rank_worker.py"), str(tmp_path)]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_worker(ROOT / "tests" / "single_rank_worker.py", 1, str(tmp_path))
     out = torch.load(tmp_path / "result.pt")
     for accum in (1, 2):
         run = out[accum]

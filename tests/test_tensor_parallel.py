@@ -7,9 +7,6 @@ Two launches: 2 processes (TP = 2 parity, exports/imports, refused sizes, then T
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,16 +18,9 @@ from flava_ds.model.hf_io import read_config, read_state_dict
 from flava_ds.parallel.layers import column_parallel_linear, padded_vocab_size, vocab_parallel_linear
 from flava_ds.parallel.sharding import merge, shard
 from tests import tp_worker
+from tests.launch import ROOT, run_worker
 
-ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "tp_worker.py"
-
-
-def _launch(nproc: int, *args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER)]
-    run = subprocess.run([*cmd, *args], env=env, capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +31,8 @@ def runs(tmp_path_factory) -> Path:
         for p in source.parameters():
             p.normal_(0, 0.1)
     source.save_hf_pretrained(out / "hf_in")
-    _launch(2, "parity", "--out", str(out), "--hf-in", str(out / "hf_in"))
-    _launch(4, "dp", "--tp", "2", "--out", str(out))
+    run_worker(WORKER, 2, "parity", "--out", str(out), "--hf-in", str(out / "hf_in"), timeout=240)
+    run_worker(WORKER, 4, "dp", "--tp", "2", "--out", str(out), timeout=240)
     return out
 
 
