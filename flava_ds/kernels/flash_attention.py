@@ -7,8 +7,9 @@ log-sum-exp: a preprocess kernel computes ``delta = rowsum(dO * O)``, one kernel
 accumulates dK and dV, and a separate kernel per query block accumulates dQ (no atomics, so the
 gradients are deterministic).
 
-The kernels are plain functions decorated with ``triton.jit`` on first call, so importing this module
-needs no Triton (the annotations stay strings) and calling it without Triton gives a clear error.
+The kernels and their helpers are plain functions decorated with ``triton.jit`` on first call, so
+importing this module needs no Triton (the annotations stay strings) and calling it without Triton
+gives a clear error.
 Triton's CPU interpreter (``TRITON_INTERPRET=1``) runs them on CPU tensors for correctness checks;
 Triton fixes that mode for its own language functions when ``triton.language`` is imported, so the
 variable has to be set before that, and a mismatch is reported rather than left to fail obscurely.
@@ -47,7 +48,56 @@ def triton_available() -> bool:
 # Kernels. Scores are kept in base 2 (``qk_scale = softmax_scale * log2(e)``) so that exp2 can be used.
 # The saved LSE is therefore ``log2(sum_j 2^(s_ij))`` of the scaled base-2 scores, and it is +inf for a
 # query row whose keys are all padding: every probability recomputed from it is exp2(-inf) = 0.
+# Each program handles one tile of rows of one (batch, head); the grid is flat, tile index fastest.
 # ---------------------------------------------------------------------------------------------------------
+
+
+def _program_tile(seq, num_heads, BLOCK: tl.constexpr):
+    """This program's rows (of a sequence of ``seq``), which of them exist, and its (batch, head) pair."""
+    num_blocks = tl.cdiv(seq, BLOCK)
+    pid = tl.program_id(0)
+    pid_tile = pid % num_blocks
+    pid_bh = pid // num_blocks
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    offs = pid_tile * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < seq, pid_bh, b, h
+
+
+def _load_tile(base, offs, in_range, offs_d, stride_row, stride_d):
+    """Rows ``offs`` x columns ``offs_d`` of one head's (seq, head_dim) matrix; zeros past its end."""
+    return tl.load(base + offs[:, None] * stride_row + offs_d[None, :] * stride_d, mask=in_range[:, None], other=0.0)
+
+
+def _store_tile(base, offs, in_range, offs_d, stride_row, stride_d, value):
+    """``value`` into rows ``offs`` x columns ``offs_d`` of one head's matrix, in its element type."""
+    tl.store(
+        base + offs[:, None] * stride_row + offs_d[None, :] * stride_d,
+        value.to(base.dtype.element_ty),
+        mask=in_range[:, None],
+    )
+
+
+def _load_keys(
+    k_base, v_base, mask_base, offs_n, seq_k, offs_d,
+    stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n,
+    HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    """Keys and values at rows ``offs_n``, and which of them take part: in range and, with a mask, real."""
+    in_range = offs_n < seq_k
+    k = _load_tile(k_base, offs_n, in_range, offs_d, stride_kn, stride_kd)
+    v = _load_tile(v_base, offs_n, in_range, offs_d, stride_vn, stride_vd)
+    col_ok = in_range
+    if HAS_MASK:
+        keep = tl.load(mask_base + offs_n * stride_mask_n, mask=in_range, other=0)
+        col_ok = col_ok & (keep != 0)
+    return k, v, col_ok
+
+
+def _scores(q, k, col_ok, qk_scale, DOT_PRECISION: tl.constexpr):
+    """Base-2 scores of queries ``q`` against keys ``k``; -inf where a key takes no part."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    return tl.where(col_ok[None, :], s, float("-inf"))
 
 
 def _attn_fwd_kernel(
@@ -61,36 +111,24 @@ def _attn_fwd_kernel(
     HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """One program computes BLOCK_M output rows of one (batch, head); ``seq_bucket`` is an autotune key."""
-    num_m_blocks = tl.cdiv(seq_q, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """One program computes BLOCK_M output rows of one (batch, head), sweeping all key blocks with an online
+    softmax; ``seq_bucket`` is only an autotune key."""
+    offs_m, row_ok, pid_bh, b, h = _program_tile(seq_q, num_heads, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seq_q
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
-    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, row_ok, offs_d, stride_qm, stride_qd)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
+    mask_base = Mask + b * stride_mask_b
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, seq_k, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < seq_k
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
-        if HAS_MASK:
-            keep = tl.load(Mask + b * stride_mask_b + offs_n * stride_mask_n, mask=col_ok, other=0)
-            col_ok = col_ok & (keep != 0)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        k, v, col_ok = _load_keys(
+            k_base, v_base, mask_base, start_n + tl.arange(0, BLOCK_N), seq_k, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, HAS_MASK,
+        )  # fmt: skip
+        s = _scores(q, k, col_ok, qk_scale, DOT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # While a row has seen only masked keys its max is -inf; subtracting 0 instead avoids inf - inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -103,8 +141,7 @@ def _attn_fwd_kernel(
     no_keys = l_i == 0.0
     l_safe = tl.where(no_keys, 1.0, l_i)
     out = acc / l_safe[:, None]
-    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    _store_tile(Out + b * stride_ob + h * stride_oh, offs_m, row_ok, offs_d, stride_om, stride_od, out)
     lse = tl.where(no_keys, float("inf"), m_i + tl.log2(l_safe))
     tl.store(Lse + pid_bh.to(tl.int64) * seq_q + offs_m, lse, mask=row_ok)
 
@@ -117,26 +154,10 @@ def _attn_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """delta_i = sum_d dO_id * O_id, the row term of the softmax gradient, in fp32."""
-    num_m_blocks = tl.cdiv(seq_q, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, row_ok, pid_bh, b, h = _program_tile(seq_q, num_heads, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seq_q
-    o = tl.load(
-        Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-        mask=row_ok[:, None],
-        other=0.0,
-    )
-    do = tl.load(
-        dOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-        mask=row_ok[:, None],
-        other=0.0,
-    )
+    o = _load_tile(Out + b * stride_ob + h * stride_oh, offs_m, row_ok, offs_d, stride_om, stride_od)
+    do = _load_tile(dOut + b * stride_dob + h * stride_doh, offs_m, row_ok, offs_d, stride_dom, stride_dod)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(Delta + pid_bh.to(tl.int64) * seq_q + offs_m, delta, mask=row_ok)
 
@@ -158,30 +179,12 @@ def _attn_bwd_dkdv_kernel(
 
     Everything is computed transposed (keys as rows) so the block's dK/dV accumulate without atomics.
     """
-    num_n_blocks = tl.cdiv(seq_k, BLOCK_N)
-    pid = tl.program_id(0)
-    pid_n = pid % num_n_blocks
-    pid_bh = pid // num_n_blocks
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_n, in_range, pid_bh, b, h = _program_tile(seq_k, num_heads, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    in_range = offs_n < seq_k
-    k = tl.load(
-        K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        mask=in_range[:, None],
-        other=0.0,
-    )
-    v = tl.load(
-        V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        mask=in_range[:, None],
-        other=0.0,
-    )
-    col_ok = in_range
-    if HAS_MASK:
-        keep = tl.load(Mask + b * stride_mask_b + offs_n * stride_mask_n, mask=in_range, other=0)
-        col_ok = col_ok & (keep != 0)
+    k, v, col_ok = _load_keys(
+        K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh, Mask + b * stride_mask_b,
+        offs_n, seq_k, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, HAS_MASK,
+    )  # fmt: skip
 
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = dOut + b * stride_dob + h * stride_doh
@@ -191,10 +194,8 @@ def _attn_bwd_dkdv_kernel(
     for start_m in range(0, seq_q, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < seq_q
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=row_ok[:, None], other=0.0)
-        do = tl.load(
-            do_base + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=row_ok[:, None], other=0.0
-        )
+        q = _load_tile(q_base, offs_m, row_ok, offs_d, stride_qm, stride_qd)
+        do = _load_tile(do_base, offs_m, row_ok, offs_d, stride_dom, stride_dod)
         # +inf LSE makes padded-out query rows (and rows with no valid key) contribute exactly zero.
         lse = tl.load(Lse + row_stats + offs_m, mask=row_ok, other=float("inf"))
         delta = tl.load(Delta + row_stats + offs_m, mask=row_ok, other=0.0)
@@ -207,16 +208,8 @@ def _attn_bwd_dkdv_kernel(
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
     dk = dk * sm_scale
-    tl.store(
-        dK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-        dk.to(dK.dtype.element_ty),
-        mask=in_range[:, None],
-    )
-    tl.store(
-        dV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-        dv.to(dV.dtype.element_ty),
-        mask=in_range[:, None],
-    )
+    _store_tile(dK + b * stride_dkb + h * stride_dkh, offs_n, in_range, offs_d, stride_dkn, stride_dkd, dk)
+    _store_tile(dV + b * stride_dvb + h * stride_dvh, offs_n, in_range, offs_d, stride_dvn, stride_dvd, dv)
 
 
 def _attn_bwd_dq_kernel(
@@ -232,54 +225,33 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """One program owns BLOCK_M queries of one (batch, head) and sweeps all key blocks for dQ."""
-    num_m_blocks = tl.cdiv(seq_q, BLOCK_M)
-    pid = tl.program_id(0)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m, row_ok, pid_bh, b, h = _program_tile(seq_q, num_heads, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < seq_q
-    q = tl.load(
-        Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-        mask=row_ok[:, None],
-        other=0.0,
-    )
-    do = tl.load(
-        dOut + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
-        mask=row_ok[:, None],
-        other=0.0,
-    )
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, row_ok, offs_d, stride_qm, stride_qd)
+    do = _load_tile(dOut + b * stride_dob + h * stride_doh, offs_m, row_ok, offs_d, stride_dom, stride_dod)
     row_stats = pid_bh.to(tl.int64) * seq_q
     lse = tl.load(Lse + row_stats + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + row_stats + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    mask_base = Mask + b * stride_mask_b
     for start_n in range(0, seq_k, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < seq_k
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd, mask=col_ok[:, None], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=col_ok[:, None], other=0.0)
-        if HAS_MASK:
-            keep = tl.load(Mask + b * stride_mask_b + offs_n * stride_mask_n, mask=col_ok, other=0)
-            col_ok = col_ok & (keep != 0)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        p = tl.exp2(tl.where(col_ok[None, :], s, float("-inf")) - lse[:, None])
+        k, v, col_ok = _load_keys(
+            k_base, v_base, mask_base, start_n + tl.arange(0, BLOCK_N), seq_k, offs_d,
+            stride_kn, stride_kd, stride_vn, stride_vd, stride_mask_n, HAS_MASK,
+        )  # fmt: skip
+        p = tl.exp2(_scores(q, k, col_ok, qk_scale, DOT_PRECISION) - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
     dq = dq * sm_scale
-    tl.store(
-        dQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-        dq.to(dQ.dtype.element_ty),
-        mask=row_ok[:, None],
-    )
+    _store_tile(dQ + b * stride_dqb + h * stride_dqh, offs_m, row_ok, offs_d, stride_dqm, stride_dqd, dq)
+
+
+_HELPERS = (_program_tile, _load_tile, _store_tile, _load_keys, _scores)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -338,8 +310,12 @@ def _autotune_configs(kind: str, interpret: bool) -> list[Any]:
 
 @functools.cache
 def _kernels() -> _Kernels:
-    """Decorate the kernels once; ``_check_runnable`` has made sure the interpreter switch is consistent."""
+    """Decorate the kernels once; ``_check_runnable`` has made sure the interpreter switch is consistent.
+
+    Kernels call their helpers by module-level name, so those names are rebound to the jitted helpers first.
+    """
     interpret = _interpret_mode()
+    globals().update({helper.__name__: triton.jit(helper) for helper in _HELPERS})
 
     def tuned(fn: Any, kind: str) -> Any:
         jitted = triton.jit(fn, do_not_specialize=_NO_SPECIALIZE)

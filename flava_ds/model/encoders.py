@@ -12,17 +12,21 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flava_ds.model.config import FlavaConfig
+from flava_ds.model.config import EncoderConfig, FlavaConfig
 from flava_ds.model.transformer import Encoder
 
 
-def _frozen_pooler(hidden: int) -> nn.Linear:
-    pooler = nn.Linear(hidden, hidden)
-    pooler.requires_grad_(False)
-    return pooler
+class _EncoderStack(nn.Module):
+    def _add_stack(self, c: EncoderConfig, config: FlavaConfig) -> None:
+        """The transformer blocks, final LayerNorm and frozen pooler; added after the embeddings, which keeps the
+        parameter order (and so the draws for a seed) and the state-dict keys of each encoder."""
+        self.encoder = Encoder(c, config.attn_impl, config.activation_checkpointing, config.compile)
+        self.final_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.pooler = nn.Linear(c.hidden_size, c.hidden_size)
+        self.pooler.requires_grad_(False)
 
 
-class ImageEncoder(nn.Module):
+class ImageEncoder(_EncoderStack):
     def __init__(self, config: FlavaConfig):
         super().__init__()
         c = config.image
@@ -30,9 +34,7 @@ class ImageEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
         self.pos_embed = nn.Parameter(torch.zeros(1, c.num_patches + 1, c.hidden_size))
-        self.encoder = Encoder(c, config.attn_impl, config.activation_checkpointing, config.compile)
-        self.final_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.pooler = _frozen_pooler(c.hidden_size)
+        self._add_stack(c, config)
 
     def forward(
         self,
@@ -48,7 +50,7 @@ class ImageEncoder(nn.Module):
         return hidden, self.final_norm(hidden)
 
 
-class TextEncoder(nn.Module):
+class TextEncoder(_EncoderStack):
     def __init__(self, config: FlavaConfig):
         super().__init__()
         c = config.text
@@ -56,9 +58,7 @@ class TextEncoder(nn.Module):
         self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
         self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
         self.embed_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.encoder = Encoder(c, config.attn_impl, config.activation_checkpointing, config.compile)
-        self.final_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.pooler = _frozen_pooler(c.hidden_size)
+        self._add_stack(c, config)
 
     def forward(
         self,
@@ -75,14 +75,12 @@ class TextEncoder(nn.Module):
         return hidden, self.final_norm(hidden)
 
 
-class MultimodalEncoder(nn.Module):
+class MultimodalEncoder(_EncoderStack):
     def __init__(self, config: FlavaConfig):
         super().__init__()
         c = config.multimodal
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
-        self.encoder = Encoder(c, config.attn_impl, config.activation_checkpointing, config.compile)
-        self.final_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
-        self.pooler = _frozen_pooler(c.hidden_size)
+        self._add_stack(c, config)
 
     def forward(
         self,

@@ -23,15 +23,10 @@ class SelfAttention(nn.Module):
         self.qkv = column_parallel_linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias, stride=3)
         self.proj = row_parallel_linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        key_padding_mask: torch.Tensor | None,
-        query_index: torch.Tensor | None = None,
-        packing: Packing | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         """x (B, N, H) -> (B, N, H), or (B, Q, H) for the positions `query_index` (B, Q) only (keys: all N).
         With `packing`, x is (1, T, H), the real tokens only, and so is the output unless `query_index` is given."""
+        packing, query_index = layout.packing, layout.query_index
         qkv = self.qkv(x)  # (B, N, 3H), or (1, T, 3H) packed
         if packing is not None:  # attention itself runs padded: each row's keys are its own tokens
             qkv = packing.unpack(qkv)
@@ -39,7 +34,7 @@ class SelfAttention(nn.Module):
         q, k, v = qkv.view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, h, N, d)
         if query_index is not None:
             q = q.gather(2, query_index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))  # (B, h, Q, d)
-        out = attention(q, k, v, key_padding_mask, self.attn_impl)  # (B, h, Q, d)
+        out = attention(q, k, v, layout.key_padding_mask, self.attn_impl)  # (B, h, Q, d)
         out = out.transpose(1, 2).reshape(B, q.shape[2], -1)  # (B, Q, H)
         if packing is not None and query_index is None:
             out = packing.pack(out)
@@ -55,17 +50,12 @@ class Block(nn.Module):
         self.mlp_in = column_parallel_linear(cfg.hidden_size, cfg.mlp_size)
         self.mlp_out = row_parallel_linear(cfg.mlp_size, cfg.hidden_size)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        key_padding_mask: torch.Tensor | None,
-        query_index: torch.Tensor | None = None,
-        packing: Packing | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        packing, query_index = layout.packing, layout.query_index
         residual = x
         if query_index is not None:
             residual = gather_positions(x if packing is None else packing.unpack(x), query_index)
-        x = self.attn(self.norm1(x), key_padding_mask, query_index, packing) + residual
+        x = self.attn(self.norm1(x), layout) + residual
         return self.mlp_out(F.gelu(self.mlp_in(self.norm2(x)))) + x
 
 
@@ -100,11 +90,11 @@ class Encoder(nn.Module):
             x = packing.pack(x)  # (1, T, H)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            args = (x, key_padding_mask, query_index if i == last else None, packing)
+            layout = Layout(key_padding_mask, packing, query_index if i == last else None)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, *args, use_reentrant=False)
+                x = checkpoint(layer, x, layout, use_reentrant=False)
             else:
-                x = layer(*args)
+                x = layer(x, layout)
         if packing is not None and query_index is None:
             x = packing.unpack(x)
         return x
@@ -137,6 +127,16 @@ class Packing:
         """(1, T, ...) -> (B, N, ...), zeros at padded positions."""
         flat = x.new_zeros(self.batch * self.length, *x.shape[2:]).index_copy(0, self.index, x[0])
         return flat.view(self.batch, self.length, *x.shape[2:])
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a block needs besides its input: the key padding mask, the `Packing` of the real tokens (None when
+    nothing is padded) and the positions (B, Q) whose outputs are wanted (None: every position)."""
+
+    key_padding_mask: torch.Tensor | None
+    packing: Packing | None
+    query_index: torch.Tensor | None
 
 
 def gather_positions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

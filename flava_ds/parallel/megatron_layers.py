@@ -25,37 +25,38 @@ def _config() -> ModelParallelConfig:
     )
 
 
-class ColumnParallel(TensorParallelLinearMixin, tensor_parallel.ColumnParallelLinear):
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, stride: int = 1):
+class _MegatronLinear(TensorParallelLinearMixin):
+    """What both megatron-core layers need here: `_config()`, no `_extra_state` key, and a tagged weight."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, partition_dim: int, stride: int, **parallel: bool
+    ):
         super().__init__(
             in_features,
             out_features,
             config=_config(),
             init_method=None,  # perform_initialization=False: never called
             bias=bias,
-            gather_output=False,
             stride=stride,
             tp_group=tensor_parallel_group(),
+            **parallel,
         )
         self._load_state_dict_pre_hooks.clear()  # megatron's hook inserts the `_extra_state` key we drop
         # megatron tags the weight only when it initialises it; checkpoints and DeepSpeed's norms need the tags
-        set_tensor_model_parallel_attributes(self.weight, True, 0, stride)
+        set_tensor_model_parallel_attributes(self.weight, True, partition_dim, stride)
 
 
-class RowParallel(TensorParallelLinearMixin, tensor_parallel.RowParallelLinear):
+class ColumnParallel(_MegatronLinear, tensor_parallel.ColumnParallelLinear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, stride: int = 1):
+        super().__init__(in_features, out_features, bias, partition_dim=0, stride=stride, gather_output=False)
+
+
+class RowParallel(_MegatronLinear, tensor_parallel.RowParallelLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        # the weight is split along its input features; the bias is replicated
         super().__init__(
-            in_features,
-            out_features,
-            config=_config(),
-            init_method=None,  # perform_initialization=False: never called
-            bias=bias,
-            input_is_parallel=True,
-            skip_bias_add=False,
-            tp_group=tensor_parallel_group(),
+            in_features, out_features, bias, partition_dim=1, stride=1, input_is_parallel=True, skip_bias_add=False
         )
-        self._load_state_dict_pre_hooks.clear()
-        set_tensor_model_parallel_attributes(self.weight, True, 1, 1)  # the bias is replicated
 
 
 class VocabParallelDecoder(ColumnParallel):
