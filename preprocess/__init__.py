@@ -1,4 +1,6 @@
 """Offline converters: raw corpora -> sharded, memory-mappable training data (docs/DESIGN.md §2).
 
-``preprocess.common`` holds the machinery every converter shares (resumable shards, manifests, skips).
+The converters are ``pairs``, ``images`` and ``text``. ``preprocess.common`` holds the machinery every converter
+shares (flags, the output lock, the worker pool, the contract of resumable shards, manifests and skips; the run
+itself is ``sharded_run``); ``readers`` reads the input formats.
 """

@@ -13,7 +13,7 @@ with all its usable captions; training draws one per (sample, epoch).
 
 Columns: ``id`` (the ``--id-field`` value, else ``<input name>:<line or row>``, ``<tar name>/<key>`` for tars,
 ``<file>:<image id>`` for COCO), ``image`` (JPEG of the S x S image), ``codebook_tokens`` /
-``codebook_tokens_flipped`` ((S/16)^2 uint16, see ``preprocess/images.py``), ``captions`` (list of strings,
+``codebook_tokens_flipped`` ((S/16)^2 uint16, see ``preprocess/image_shards.py``), ``captions`` (list of strings,
 stripped) and ``input_ids`` (one int32 list per caption, ``[CLS] ... [SEP]``, at most ``--max-length``).
 
 Captions are kept when they are non-empty, at most ``--max-caption-bytes`` in UTF-8 (default 16 KiB), valid
@@ -42,36 +42,31 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
 from flava_ds.data.tokenizer import Tokenizer
-from preprocess.common import ShardInput, add_common_args, fixed_size_rows, fixed_size_shards, output_lock
-from preprocess.images import (
-    BAD_RECORD,
-    SkipSample,
-    add_image_args,
-    check_image_args,
-    image_settings,
-    image_source,
-    load_square_image,
-    run_image_conversion,
-)
+from flava_ds.shard_format import CAPTIONS, ID, IMAGE, INPUT_IDS
+from preprocess.common import add_common_args, add_settings_flags, converter_parser, output_lock, settings_from_args
+from preprocess.image_decoding import ImageSettings, SkipSample, image_source, load_square_image
+from preprocess.image_shards import add_image_args, check_image_args, run_image_conversion
+from preprocess.input_records import BAD_RECORD, BadRecord, InputError, decode_text, is_valid_utf8
 from preprocess.readers import (
     FORMATS,
-    BadRecord,
     Block,
-    InputError,
     detect_format,
     expand_inputs,
     first_records,
     input_blocks,
-    is_valid_utf8,
     row_range_shards,
     table_columns,
 )
+from preprocess.shards import ShardInput, fixed_size_rows, fixed_size_shards
+from preprocess.table_readers import TABLE_FORMATS
+from preprocess.tar_reader import WDS_IMAGE_EXTENSIONS
 
 EMPTY_CAPTION = "empty_caption"
 CAPTION_NOT_UTF8 = "caption_not_utf8"
@@ -80,9 +75,22 @@ NOT_ENGLISH = "not_english"
 CAPTION_TOO_LONG = "caption_too_long"
 PROBE_RECORDS = 50  # records read at start-up to check the fields and the image root
 DEFAULT_FIELDS = {  # format -> (image field alternatives, caption field)
-    "webdataset": ("jpg,jpeg,png,webp", "txt"),
+    "webdataset": (",".join(WDS_IMAGE_EXTENSIONS), "txt"),
     "coco": ("file_name", "captions"),
 }
+
+
+@dataclass(frozen=True)
+class CaptionRules:
+    """Which captions are kept (``check_caption``); each field is also the flag of its name (``add_settings_flags``)."""
+
+    min_words: int = field(default=3, metadata={"help": "keep captions of MORE than this many words"})
+    max_caption_bytes: int = field(
+        default=16384,
+        metadata={"help": f"skip captions longer than this in UTF-8 ({CAPTION_TOO_LONG}), before tokenising"},
+    )
+    english_only: bool = field(default=False, metadata={"help": "keep English captions only (needs langid)"})
+
 
 _worker: dict[str, Any] = {}
 
@@ -97,9 +105,11 @@ def _language_classifier():
 
 
 def _init_pair_worker(args: argparse.Namespace, tokenizer: Tokenizer) -> None:
+    """Per worker process: what ``prepare_pair_record`` reads."""
     _worker.update(
         args=args,
-        settings=image_settings(args),
+        settings=settings_from_args(ImageSettings, args),
+        rules=settings_from_args(CaptionRules, args),
         root=Path(args.image_root) if args.image_root else Path("."),
         tokenizer=tokenizer,
         classify=_language_classifier() if args.english_only else None,
@@ -112,7 +122,7 @@ def check_caption(caption: Any, min_words: int, max_bytes: int, classify: Callab
     The size is checked before the text is split, classified or tokenised, so a huge caption costs
     one pass over its bytes and is never stored."""
     if isinstance(caption, bytes):
-        caption = caption.decode("utf-8", "surrogateescape")
+        caption = decode_text(caption)
     if caption is None or (isinstance(caption, str) and not caption.strip()):
         raise SkipSample(EMPTY_CAPTION, "caption is empty")
     if not isinstance(caption, str):
@@ -130,7 +140,7 @@ def check_caption(caption: Any, min_words: int, max_bytes: int, classify: Callab
     return caption.strip()
 
 
-def usable_captions(value: Any, args: argparse.Namespace, classify) -> tuple[list[str], list[str]]:
+def usable_captions(value: Any, rules: CaptionRules, classify) -> tuple[list[str], list[str]]:
     """(kept captions, reasons of the dropped ones) of a caption field holding one caption or a list;
     SkipSample (the first caption's reason) when none is usable."""
     candidates = value if isinstance(value, list) else [value]
@@ -139,7 +149,7 @@ def usable_captions(value: Any, args: argparse.Namespace, classify) -> tuple[lis
     kept, dropped, first = [], [], None
     for caption in candidates:
         try:
-            kept.append(check_caption(caption, args.min_words, args.max_caption_bytes, classify))
+            kept.append(check_caption(caption, rules.min_words, rules.max_caption_bytes, classify))
         except SkipSample as skip:
             first = first or skip
             dropped.append(skip.reason)
@@ -169,7 +179,7 @@ def prepare_pair_record(record: tuple[int, tuple[str, Any]]) -> dict | SkipSampl
             sample_id = payload.get(args.id_field)
             if sample_id in (None, "") or not is_valid_utf8(str(sample_id)):
                 raise SkipSample(BAD_RECORD, f"no usable {args.id_field!r} field")
-        captions, dropped = usable_captions(payload.get(args.caption_field), args, _worker["classify"])
+        captions, dropped = usable_captions(payload.get(args.caption_field), _worker["rules"], _worker["classify"])
         field, value = pick_field(payload, args.image_field)
         source = image_source(value, _worker["root"], field)
         where = None if isinstance(source, Path) else f"{field} ({len(source)} bytes)"
@@ -178,11 +188,11 @@ def prepare_pair_record(record: tuple[int, tuple[str, Any]]) -> dict | SkipSampl
         return SkipSample(skip.reason, f"{source_id}: {skip.detail}")
     input_ids = [_worker["tokenizer"].encode(c, args.max_length) for c in captions]
     return {
-        "id": str(sample_id),
-        "image": jpeg,
+        ID: str(sample_id),
+        IMAGE: jpeg,
         "view": view,
-        "captions": captions,
-        "input_ids": input_ids,
+        CAPTIONS: captions,
+        INPUT_IDS: input_ids,
         "dropped": dropped,
     }
 
@@ -226,13 +236,11 @@ def _exists_under(root: Path, relative: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m preprocess.pairs")
-    g = parser.add_argument_group("input and text")
-    g.add_argument(
-        "--input",
-        required=True,
-        nargs="+",
-        help="tars, .parquet/.arrow files or directories, a save_to_disk directory, COCO .json, .jsonl/.csv/.tsv "
+    parser, g = converter_parser(
+        __doc__,
+        "pairs",
+        "input and text",
+        "tars, .parquet/.arrow files or directories, a save_to_disk directory, COCO .json, .jsonl/.csv/.tsv "
         "(optionally .gz/.bz2/.xz/.zst); globs and {a..b} ranges are expanded",
     )
     g.add_argument("--format", choices=FORMATS, help="the input format (default: from the paths)")
@@ -250,14 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--id-field", help="field holding a stable sample id (default: <input name>:<line>)")
     g.add_argument("--tokenizer", required=True, help="tokenizer.json, BERT vocab.txt or sentencepiece .model")
     g.add_argument("--max-length", type=int, default=77, help="max caption tokens including [CLS]/[SEP]")
-    g.add_argument("--min-words", type=int, default=3, help="keep captions of MORE than this many words")
-    g.add_argument(
-        "--max-caption-bytes",
-        type=int,
-        default=16384,
-        help="skip captions longer than this in UTF-8 (caption_too_long), before tokenising",
-    )
-    g.add_argument("--english-only", action="store_true", help="keep English captions only (needs langid)")
+    add_settings_flags(g, CaptionRules)
     add_image_args(parser)
     add_common_args(parser, default_shard_size=5000)
     return parser
@@ -274,7 +275,7 @@ def plan_inputs(args: argparse.Namespace) -> tuple[list[Block], Iterable[ShardIn
     args.caption_field = args.caption_field or caption_default
     header = args.columns.split(",") if args.columns else None
     wanted = None
-    if fmt in ("parquet", "arrow", "hf"):
+    if fmt in TABLE_FORMATS:
         present = table_columns(paths, fmt) or []
         image = next((name for name in args.image_field.split(",") if name in present), args.image_field)
         wanted = [image, args.caption_field] + ([args.id_field] if args.id_field else [])
@@ -320,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prepare_pair_record,
             _init_pair_worker,
             (args, tokenizer),
-            [("captions", pa.list_(pa.string())), ("input_ids", pa.list_(pa.list_(pa.int32())))],
+            [(CAPTIONS, pa.list_(pa.string())), (INPUT_IDS, pa.list_(pa.list_(pa.int32())))],
             {"tokenizer": tokenizer.fingerprint},
         )
 

@@ -20,61 +20,40 @@ Formats (``detect_format`` picks one from the paths; ``--format`` overrides):
 * ``jsonl``, ``csv``, ``tsv``: one record per line (a header row names the fields unless ``columns`` are given).
 
 Every line-oriented format may be compressed: ``.gz``, ``.bz2``, ``.xz``, ``.zst``.
+
+This module picks the format and makes one stream of blocks over all inputs; the readers of each format family
+are ``preprocess/line_readers.py``, ``preprocess/table_readers.py`` and ``preprocess/tar_reader.py``, what they
+yield is ``preprocess/input_records.py``'s.
 """
 
 from __future__ import annotations
 
-import bz2
-import csv
 import glob
-import gzip
-import io
 import itertools
-import json
-import lzma
-import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
 
-from preprocess.common import ShardInput
+from preprocess.input_records import BadRecord, InputError, Record, split_compression
+from preprocess.line_readers import LINE_SUFFIXES, is_coco, read_coco, read_delimited, read_jsonl
+from preprocess.shards import ShardInput
+from preprocess.table_readers import (
+    TABLE_SUFFIXES,
+    directory_format,
+    hf_dataset,
+    read_hf,
+    read_table,
+    table_files,
+    table_rows_count,
+    table_schema,
+)
+from preprocess.tar_reader import read_tar, tar_rows
 
 FORMATS = ("webdataset", "parquet", "arrow", "hf", "coco", "jsonl", "csv", "tsv")
-COMPRESSIONS: dict[str, Callable[[str], IO[bytes]]] = {
-    ".gz": gzip.open,
-    ".bz2": bz2.open,
-    ".xz": lzma.open,
-    ".zst": lambda path: _zstd_open(path),
-}
-LINE_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv", ".tab": "tsv"}
-TABLE_SUFFIXES = {".parquet": "parquet", ".arrow": "arrow"}
-WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-BATCH_ROWS = 1024  # table rows decoded at a time
-
-
-class InputError(ValueError):
-    """The input as a whole cannot be read as asked (format, missing field): one line, before any heavy work."""
-
-
-@dataclass(frozen=True)
-class BadRecord:
-    """An input record that could not be parsed; converters count it as skip reason ``bad_record``."""
-
-    where: str
-    error: str
-
-
-Record = tuple[str, "dict[str, Any] | BadRecord"]
-
-
-def _zstd_open(path: str) -> IO[bytes]:
-    import zstandard
-
-    return io.BufferedReader(zstandard.open(path, "rb"))  # the raw reader cannot iterate lines
 
 
 def describe_formats() -> str:
+    """The formats read, for the error that names an unreadable input."""
     return (
         "webdataset .tar (globs, {a..b} ranges, pipe:), .parquet, .arrow, a datasets.save_to_disk directory, "
         "a directory of .parquet files, COCO caption .json, .jsonl/.csv/.tsv (optionally .gz/.bz2/.xz/.zst)"
@@ -104,33 +83,6 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
     return paths
 
 
-def split_compression(path: str) -> tuple[str, str | None]:
-    """('data.jsonl', '.zst') for 'data.jsonl.zst'; (path, None) when it is not compressed."""
-    lower = path.lower()
-    for suffix in COMPRESSIONS:
-        if lower.endswith(suffix):
-            return path[: -len(suffix)], suffix
-    return path, None
-
-
-def open_input(path: str | Path) -> IO[bytes]:
-    """A binary reader of the file's contents, decompressed by its suffix."""
-    _, compression = split_compression(str(path))
-    return COMPRESSIONS[compression](str(path)) if compression else open(path, "rb")
-
-
-COCO_KEYS = ("info", "licenses", "images", "annotations", "categories")
-
-
-def _is_coco(path: str) -> bool:
-    """A COCO annotation file is one JSON object whose first key is one of COCO's top-level keys (it is often a
-    single line, so the first line alone cannot tell it from JSON lines; ``--format jsonl`` overrides)."""
-    with open_input(path) as f:
-        head = f.read(4096).decode("utf-8", "replace")
-    match = re.match(r'\s*\{\s*"([^"]*)"', head)
-    return bool(match) and match.group(1) in COCO_KEYS
-
-
 def detect_format(paths: Sequence[str], forced: str | None = None) -> str:
     """The one format of all inputs (``forced`` when given); InputError naming what is read otherwise."""
     if forced:
@@ -145,14 +97,8 @@ def detect_format(paths: Sequence[str], forced: str | None = None) -> str:
 
 
 def _format_of(path: str) -> str:
-    local = Path(path)
-    if local.is_dir():
-        if (local / "dataset_info.json").is_file() or (local / "state.json").is_file():
-            return "hf"
-        for suffix, kind in TABLE_SUFFIXES.items():
-            if any(local.rglob(f"*{suffix}")):
-                return kind
-        raise InputError(f"{path}: a directory with no .parquet or .arrow files and no datasets.save_to_disk layout")
+    if Path(path).is_dir():
+        return directory_format(path)
     stem, compression = split_compression(path)
     lower = stem.lower()
     if lower.endswith(".tar"):
@@ -166,260 +112,8 @@ def _format_of(path: str) -> str:
             return kind
     for suffix, kind in LINE_SUFFIXES.items():
         if lower.endswith(suffix):
-            return "coco" if suffix == ".json" and _is_coco(path) else kind
+            return "coco" if suffix == ".json" and is_coco(path) else kind
     raise InputError(f"{path}: unknown input format; read: {describe_formats()}")
-
-
-# ---- line-oriented formats -------------------------------------------------------------------------
-
-
-def _decode(raw: bytes) -> str:
-    """UTF-8 with surrogateescape: invalid bytes survive as lone surrogates, so a converter can count a
-    non-UTF-8 field as its own skip reason instead of losing the whole record."""
-    return raw.decode("utf-8", "surrogateescape")
-
-
-def is_valid_utf8(text: str) -> bool:
-    """False for text carrying lone surrogates (invalid bytes read by this module, or JSON escapes)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def read_jsonl(path: str) -> Iterator[Record]:
-    """(``file:line``, object or BadRecord); blank lines are not records."""
-    name = Path(path).name
-    with open_input(path) as f:
-        for lineno, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"{name}:{lineno}"
-            try:
-                obj = json.loads(_decode(raw))
-            except json.JSONDecodeError as e:
-                yield where, BadRecord(f"{path}:{lineno}", f"invalid JSON: {e}")
-                continue
-            if not isinstance(obj, dict):
-                yield where, BadRecord(f"{path}:{lineno}", f"expected a JSON object, got {type(obj).__name__}")
-                continue
-            yield where, obj
-
-
-def read_delimited(path: str, delimiter: str, columns: Sequence[str] | None = None) -> Iterator[Record]:
-    """CSV (quoted fields as the csv module reads them) or TSV (no quoting); the first row names the fields
-    unless ``columns`` are given (files without a header)."""
-    name = Path(path).name
-    with open_input(path) as raw, io.TextIOWrapper(raw, "utf-8", "surrogateescape", newline="") as f:
-        quoting = csv.QUOTE_MINIMAL if delimiter == "," else csv.QUOTE_NONE
-        rows = csv.reader(f, delimiter=delimiter, quoting=quoting)
-        header = list(columns) if columns else next(rows, None)
-        if not header or header == [""]:
-            raise InputError(f"{path}: empty file, expected a header row naming the fields (or pass --columns)")
-        for row in rows:
-            lineno = rows.line_num
-            if not any(v.strip() for v in row):
-                continue
-            where = f"{name}:{lineno}"
-            if len(row) != len(header):
-                yield where, BadRecord(f"{path}:{lineno}", f"{len(row)} fields, expected {len(header)} ({header})")
-                continue
-            yield where, dict(zip(header, row))
-
-
-def read_coco(path: str) -> Iterator[Record]:
-    """One record per image of a COCO caption file: ``{"id", "file_name", "captions": [...]}`` (in the order of
-    ``images``); an annotation naming an image that is not listed is a BadRecord."""
-    name = Path(path).name
-    with open_input(path) as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}: not a COCO annotation file: invalid JSON: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise InputError(f"{path}: a COCO caption file holds 'images' and 'annotations' lists")
-    captions: dict[Any, list[str]] = {}
-    known = {img.get("id") for img in data["images"] if isinstance(img, dict)}
-    for n, ann in enumerate(data.get("annotations", [])):
-        if not isinstance(ann, dict) or ann.get("image_id") not in known:
-            yield f"{name}:annotation {n}", BadRecord(f"{path}: annotation {n}", "no image with its image_id")
-            continue
-        captions.setdefault(ann["image_id"], []).append(ann.get("caption"))
-    for n, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or "file_name" not in img:
-            yield f"{name}:image {n}", BadRecord(f"{path}: image {n}", "no file_name")
-            continue
-        record = {**img, "id": str(img.get("id")), "captions": captions.get(img.get("id"), [])}
-        yield f"{name}:{img.get('id')}", record
-
-
-# ---- tables ----------------------------------------------------------------------------------------
-
-
-def table_files(path: str) -> list[str]:
-    """The .parquet / .arrow files of a file or directory (a hub cache holds them in nested folders), sorted."""
-    local = Path(path)
-    if local.is_file():
-        return [path]
-    for suffix in TABLE_SUFFIXES:
-        found = sorted(str(p) for p in local.rglob(f"*{suffix}") if not p.name.startswith("."))
-        if found:
-            return found
-    return []
-
-
-def _arrow_reader(path: str):
-    """Record batches of an Arrow IPC file or stream (``datasets`` writes streams)."""
-    import pyarrow as pa
-
-    source = pa.memory_map(path)
-    try:
-        reader = pa.ipc.open_file(source)
-        return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches)), reader.num_record_batches
-    except pa.ArrowInvalid:
-        source = pa.memory_map(path)
-        reader = pa.ipc.open_stream(source)
-        return reader.schema, iter(reader), None
-
-
-def table_schema(path: str):
-    """The Arrow schema of one table file (Parquet footer or Arrow header), without reading the rows."""
-    import pyarrow.parquet as pq
-
-    if path.lower().endswith(".parquet"):
-        return pq.ParquetFile(path).schema_arrow
-    return _arrow_reader(path)[0]
-
-
-def table_rows_count(path: str) -> int | None:
-    """Rows of a Parquet file from its footer (None for formats that do not record it up front)."""
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(path).metadata.num_rows if path.lower().endswith(".parquet") else None
-
-
-def check_columns(path: str, schema, columns: Sequence[str]) -> None:
-    missing = [c for c in columns if c not in schema.names]
-    if missing:
-        raise InputError(f"{path}: no column {missing[0]!r}; its columns are {schema.names}")
-
-
-def read_table(
-    path: str, columns: Sequence[str], name: str | None = None, start: int = 0, stop: int | None = None
-) -> Iterator[Record]:
-    """(``<name>:<row>``, {column: value}) for rows [start, stop) of a Parquet or Arrow file; only ``columns`` are
-    read, and only the Parquet row groups holding those rows. ``name`` defaults to the file name (a directory
-    input passes the path inside it)."""
-    import pyarrow.parquet as pq
-
-    name = name or Path(path).name
-    first = 0  # the row the batches start at
-    if path.lower().endswith(".parquet"):
-        file = pq.ParquetFile(path)
-        check_columns(path, file.schema_arrow, columns)
-        bounds = [0]
-        for g in range(file.metadata.num_row_groups):
-            bounds.append(bounds[-1] + file.metadata.row_group(g).num_rows)
-        groups = [g for g in range(len(bounds) - 1) if bounds[g + 1] > start and (stop is None or bounds[g] < stop)]
-        first = bounds[groups[0]] if groups else 0
-        batches = file.iter_batches(batch_size=BATCH_ROWS, columns=list(columns), row_groups=groups)
-    else:
-        schema, batches, _ = _arrow_reader(path)
-        check_columns(path, schema, columns)
-        batches = (b.select(list(columns)) for b in batches)
-    row = first
-    for batch in batches:
-        if stop is not None and row >= stop:
-            return
-        skip = max(0, start - row)
-        for offset, record in enumerate(batch.slice(skip).to_pylist(), row + skip):
-            if stop is not None and offset >= stop:
-                return
-            yield f"{name}:{offset}", record
-        row += batch.num_rows
-
-
-def hf_dataset(path: str):
-    """A ``datasets.save_to_disk`` directory as a Dataset (a DatasetDict must name its split)."""
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(path)
-    except (FileNotFoundError, ValueError) as e:
-        raise InputError(f"{path}: not a datasets.save_to_disk directory: {e}") from None
-    if isinstance(loaded, datasets.DatasetDict):
-        raise InputError(f"{path}: holds splits {list(loaded)}; pass the split's directory ({path}/<split>)")
-    return loaded
-
-
-def read_hf(path: str, columns: Sequence[str]) -> Iterator[Record]:
-    """Rows of a ``save_to_disk`` directory, undecoded (an ``Image`` column stays ``{"bytes", "path"}``)."""
-    dataset = hf_dataset(path)
-    check_columns(path, dataset.data.schema, columns)
-    table = dataset.with_format("arrow").select_columns(list(columns))
-    name = Path(path).name
-    row = 0
-    for batch in table.iter(batch_size=BATCH_ROWS):
-        for record in batch.to_pylist():
-            yield f"{name}:{row}", record
-            row += 1
-
-
-def class_label_names(path: str, column: str) -> list[str] | None:
-    """The names of a ``datasets`` ``ClassLabel`` column (from a save_to_disk directory or the features a
-    ``datasets``-written Parquet/Arrow file records), or None when the column is not a ClassLabel."""
-    import datasets
-
-    if Path(path).is_dir() and _format_of(path) == "hf":
-        features = hf_dataset(path).features
-    else:
-        files = table_files(path)
-        if not files:
-            return None
-        features = datasets.Features.from_arrow_schema(table_schema(files[0]))
-    feature = features.get(column)
-    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-
-
-# ---- webdataset tars -------------------------------------------------------------------------------
-
-
-def read_tar(url: str) -> Iterator[Record]:
-    """The samples of one webdataset tar: ``(<tar name>/<key>, {extension: value, **json fields})``.
-
-    A damaged tar yields its samples up to the damage and then one BadRecord naming the tar."""
-    import webdataset as wds
-
-    name = Path(url.split()[-1] if url.startswith("pipe:") else url).name
-    errors: list[Exception] = []
-
-    def stop(exn: Exception) -> bool:
-        errors.append(exn)
-        return False
-
-    for sample in wds.tarfile_samples([{"url": url}], handler=stop):
-        key = sample["__key__"]
-        where = f"{name}/{Path(key).name}"
-        yield where, _wds_record(sample, where)
-    if errors:
-        yield f"{name}/<end>", BadRecord(url, f"unreadable tar: {errors[0]}")
-
-
-def _wds_record(sample: dict[str, Any], where: str) -> dict[str, Any] | BadRecord:
-    record: dict[str, Any] = {}
-    for ext, value in sample.items():
-        if ext.startswith("__"):
-            continue
-        record[ext] = _decode(value) if ext == "txt" else value
-    if "json" in record:
-        try:
-            meta = json.loads(_decode(record.pop("json")))
-        except json.JSONDecodeError as e:
-            return BadRecord(where, f".json member: invalid JSON: {e}")
-        if isinstance(meta, dict):
-            record.update({k: v for k, v in meta.items() if k not in record})
-    return record
 
 
 # ---- one stream over all inputs --------------------------------------------------------------------
@@ -444,7 +138,7 @@ def input_blocks(
     blocks: list[Block] = []
     for path in paths:
         if fmt == "webdataset":
-            blocks.append(Block(Path(path).name, lambda p=path: read_tar(p), _tar_rows(path)))
+            blocks.append(Block(Path(path).name, lambda p=path: read_tar(p), tar_rows(path)))
         elif fmt in ("parquet", "arrow"):
             files = table_files(path)
             if not files:
@@ -480,15 +174,6 @@ def input_blocks(
     return blocks
 
 
-def _tar_rows(url: str) -> int | None:
-    """Samples in a local tar from the ``<stem>_stats.json`` img2dataset writes beside it (None without one)."""
-    stats = Path(url).with_name(Path(url).stem + "_stats.json")
-    try:
-        return int(json.loads(stats.read_text())["successes"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def table_columns(paths: Sequence[str], fmt: str) -> list[str] | None:
     """The column names of the first table input (None for formats without a schema up front)."""
     if fmt in ("parquet", "arrow"):
@@ -522,30 +207,17 @@ def first_records(blocks: Sequence[Block], count: int) -> list[Record]:
     return list(itertools.islice(itertools.chain.from_iterable(b.read() for b in blocks), count))
 
 
-__all__ = [
+__all__ = [  # BadRecord and read_coco: for the tools that read inputs as the converters do
     "FORMATS",
     "BadRecord",
     "Block",
     "InputError",
-    "check_columns",
-    "class_label_names",
     "describe_formats",
     "detect_format",
     "expand_inputs",
     "first_records",
-    "hf_dataset",
     "input_blocks",
-    "is_valid_utf8",
-    "open_input",
     "read_coco",
-    "read_delimited",
-    "read_jsonl",
-    "read_table",
-    "read_tar",
     "row_range_shards",
-    "split_compression",
     "table_columns",
-    "table_files",
-    "table_rows_count",
-    "table_schema",
 ]

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from preprocess import pairs, text
-from preprocess.images import ImageSettings, SkipSample, load_square_image
+from preprocess.image_decoding import ImageSettings, SkipSample, load_square_image
 from preprocess.readers import InputError
 from tests.data_fixtures import CODEBOOK, make_tokenizer, random_image
 

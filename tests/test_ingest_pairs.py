@@ -329,8 +329,8 @@ def test_a_finished_output_refuses_other_settings_until_overwrite(root, tmp_path
 def test_parquet_shards_read_only_their_own_rows_and_equal_the_streamed_cut(tmp_path):
     """Row-range shards (what a machine of a multi-machine run reads) hold exactly the records of reading every
     file in order and cutting every --shard-size, across files and row groups."""
-    from preprocess.common import fixed_size_shards
     from preprocess.readers import input_blocks, row_range_shards
+    from preprocess.shards import fixed_size_shards
 
     paths = []
     for n, rows in enumerate((7, 12, 4)):

@@ -18,8 +18,8 @@ import pyarrow as pa
 import pytest
 
 from flava_ds.data.tokenizer import Tokenizer
+from flava_ds.shard_format import file_sha256
 from preprocess import images, pairs, text
-from preprocess.common import file_sha256
 from tests.data_fixtures import (
     CODEBOOK,
     caption,

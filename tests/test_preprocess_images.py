@@ -24,7 +24,7 @@ from flava_ds.data.image_text import ImageAugment, ImageDataset
 from flava_ds.data.tokenizer import Tokenizer
 from flava_ds.model.codebook import load_codebook
 from preprocess import images, pairs
-from preprocess.common import EXIT_TOO_MANY_SKIPS
+from preprocess.sharded_run import EXIT_TOO_MANY_SKIPS
 from tests.data_fixtures import (
     CODEBOOK,
     make_pairs,

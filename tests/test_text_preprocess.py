@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from flava_ds.data.sampler import ResumableDistributedSampler, SampleKey
 from flava_ds.data.text_dataset import IndexedDataset, TextCollator, TextDataset
 from flava_ds.data.tokenizer import Tokenizer
-from preprocess.common import EXIT_TOO_MANY_SKIPS
+from preprocess.sharded_run import EXIT_TOO_MANY_SKIPS
 from preprocess.text import main as preprocess_text
 from tests.text_fixtures import train_tokenizers, write_corpus
 

@@ -28,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: make the repository importable without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -41,7 +44,9 @@ from flava_ds.data.text_dataset import TextCollator
 from flava_ds.data.tokenizer import Tokenizer
 from flava_ds.model.codebook import load_codebook
 from preprocess import pairs
-from preprocess.images import CodebookEncoder, ImageSettings, load_square_image
+from preprocess.image_decoding import ImageSettings, load_square_image
+from preprocess.image_shards import CodebookEncoder
+from tools.make_demo_data import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 INGEST_CODEBOOK = "random:0:tiny"  # the dVAE would otherwise be the whole cost on a CPU (section 5)
@@ -63,7 +68,7 @@ def make_originals(directory: Path, count: int, seed: int = 0) -> Path:
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(directory / name, quality=90)
         records.append({"image": name, "caption": " ".join(rng.choice(WORDS, int(rng.integers(6, 16))))})
     path = directory / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_jsonl(path, records)
     return path
 
 

@@ -23,11 +23,12 @@ from flava_ds.data.arrow_dataset import ArrowShards
 from flava_ds.data.image_text import PATCH, block_masker
 from flava_ds.data.sampler import SampleKey, sample_rng
 from flava_ds.data.tokenizer import Tokenizer
+from flava_ds.shard_format import CAPTIONS, CODEBOOK_TOKENS, ID, IMAGE, INPUT_IDS, LABEL, manifest_paths
 
 
 def summarize(directory: Path) -> str:
     lines = []
-    manifests = sorted(directory.glob("manifest*.json"))
+    manifests = manifest_paths(directory)
     totals: Counter = Counter()
     skipped: Counter = Counter()
     for path in manifests:
@@ -46,17 +47,17 @@ def summarize(directory: Path) -> str:
 
 
 def describe(row: dict, tokenizer: Tokenizer | None) -> str:
-    image = Image.open(io.BytesIO(row["image"]))
-    tokens = row["codebook_tokens"]
+    image = Image.open(io.BytesIO(row[IMAGE]))
+    tokens = row[CODEBOOK_TOKENS]
     parts = [
-        f"id={row['id']}",
-        f"image={image.format} {image.size[0]}x{image.size[1]} {len(row['image']):,} B",
+        f"id={row[ID]}",
+        f"image={image.format} {image.size[0]}x{image.size[1]} {len(row[IMAGE]):,} B",
         f"codebook grid {int(len(tokens) ** 0.5)}^2, {len(np.unique(tokens))} distinct tokens",
     ]
-    if "label" in row:
-        parts.append(f"label={row['label']}")
-    for n, caption in enumerate(row.get("captions", [])):
-        ids = row["input_ids"][n].tolist()
+    if LABEL in row:
+        parts.append(f"label={row[LABEL]}")
+    for n, caption in enumerate(row.get(CAPTIONS, [])):
+        ids = row[INPUT_IDS][n].tolist()
         parts.append(f"caption {n}={caption!r}")
         parts.append(f"input_ids({len(ids)})={ids[:24]}{' ...' if len(ids) > 24 else ''}")
         if tokenizer is not None:
@@ -74,14 +75,14 @@ def contact_sheet(shards: ArrowShards, indices: list[int], seed: int) -> Image.I
     draw = ImageDraw.Draw(sheet)
     for n, index in enumerate(indices):
         row = shards.row(index)
-        pixels = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB")).copy()
+        pixels = np.asarray(Image.open(io.BytesIO(row[IMAGE])).convert("RGB")).copy()
         mask = masker(sample_rng(seed, SampleKey(index)))
         shade = np.kron(mask, np.ones((PATCH, PATCH), dtype=bool))
         pixels[shade] //= 4
         x, y = (n % cols) * (size + 8) + 4, (n // cols) * (size + text_h + 8) + 4
         sheet.paste(Image.fromarray(pixels), (x, y))
-        text = row["captions"][0] if "captions" in row else f"label {row.get('label')}"
-        wrapped = textwrap.wrap(f"{row['id']}: {text}", width=max(12, size // 6))[:5]
+        text = row[CAPTIONS][0] if CAPTIONS in row else f"label {row.get(LABEL)}"
+        wrapped = textwrap.wrap(f"{row[ID]}: {text}", width=max(12, size // 6))[:5]
         draw.multiline_text((x, y + size + 2), "\n".join(wrapped), fill="black")
     return sheet
 

@@ -44,6 +44,7 @@ def digit_image(pixels: np.ndarray, rng: np.random.Generator) -> Image.Image:
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
+    """One JSON object a line, the form the converters and the tokenizer trainer read (the benchmarks use it too)."""
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
