@@ -1,6 +1,6 @@
 """torchrun worker (1 rank): DeepSpeed ZeRO-0 fp32 engines trained on mixed batch kinds, with DeepSpeed's gradient
-all-reduce and without it (`skip_single_rank_allreduce` + `fill_unreduced_gradients`, as the trainer runs a single
-rank). Saves both final state dicts to OUT/result.pt. Usage: single_rank_worker.py OUT
+all-reduce and without it (`skip_single_rank_allreduce` + `fill_unreduced_gradients`, as `build_engine` and
+`backward_and_step` run a single rank). Saves both final state dicts to OUT/result.pt. Usage: single_rank_worker.py OUT
 """
 
 from __future__ import annotations
@@ -16,13 +16,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flava_ds.model import FlavaConfig, FlavaForPreTraining
 from flava_ds.train.config import OptimizerSection
-from flava_ds.train.trainer import fill_unreduced_gradients, param_groups, skip_single_rank_allreduce
+from flava_ds.train.engine import backward_and_step, build_engine
 from tests.model_inputs import make_batches
 
 KINDS = ["image_text", "text", "image", "text", "image_text", "image"]
 
 
-def build(model: FlavaForPreTraining, accum: int):
+def build(model: FlavaForPreTraining, accum: int, direct: bool):
+    """The trainer's engine; `direct=False` puts DeepSpeed's own gradient all-reduce back (the reference)."""
     config = {
         "train_micro_batch_size_per_gpu": 4,
         "gradient_accumulation_steps": accum,
@@ -30,16 +31,16 @@ def build(model: FlavaForPreTraining, accum: int):
         "zero_optimization": {"stage": 0},
         "steps_per_print": 10**6,
     }
-    defaults = OptimizerSection()
-    optimizer = torch.optim.AdamW(param_groups(model, defaults.weight_decay, defaults.no_decay), lr=1e-3, fused=True)
-    return deepspeed.initialize(model=model, optimizer=optimizer, config=config)[0]
+    engine = build_engine(model, config, OptimizerSection(lr=1e-3))
+    skipped = not engine.enable_backward_allreduce
+    if not direct:
+        engine.enable_backward_allreduce = True
+    return engine, skipped
 
 
 def train(engine, batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    for batch in batches:  # the trainer's step
-        engine.backward(engine(**batch).loss)
-        fill_unreduced_gradients(engine)
-        engine.step()
+    for batch in batches:  # the trainer's micro-step
+        backward_and_step(engine, engine(**batch).loss)
     return {k: v.clone() for k, v in engine.module.state_dict().items()}
 
 
@@ -51,13 +52,9 @@ def main() -> None:
     batches = [make_batches(model.config, seed=i)[kind] for i, kind in enumerate(KINDS)]
     result: dict[int, dict] = {}
     for accum in (1, 2):
-        reduced = build(copy.deepcopy(model), accum)
-        direct = build(copy.deepcopy(model), accum)
-        result[accum] = {
-            "skipped": skip_single_rank_allreduce(direct, dp_size=1),
-            "reduced": train(reduced, batches),
-            "direct": train(direct, batches),
-        }
+        reduced, _ = build(copy.deepcopy(model), accum, direct=False)
+        direct, skipped = build(copy.deepcopy(model), accum, direct=True)
+        result[accum] = {"skipped": skipped, "reduced": train(reduced, batches), "direct": train(direct, batches)}
     torch.save(result, out_dir / "result.pt")
 
 

@@ -10,6 +10,7 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
+from flava_ds.batch import Batch
 from flava_ds.model import FlavaConfig, FlavaForPreTraining
 from flava_ds.train.flops import batch_flops
 from tests.model_inputs import make_batches
@@ -34,18 +35,12 @@ def test_batch_flops_match_counted_matmuls(config, kind):
     overrides = run["model"].get("overrides", {})
     torch.manual_seed(0)
     model = FlavaForPreTraining(FlavaConfig.preset("small", attn_impl="eager", **overrides))
-    batch = make_batches(model.config, batch=6, seq_len=24, seed=1)[kind]
+    batch = Batch(**make_batches(model.config, batch=6, seq_len=24, seed=1)[kind])
+    assert batch.kind == kind
     if kind == "image_text" and run["data"].get("itm_negative_prob") == 0:
-        batch["itm_labels"] = torch.ones_like(batch["itm_labels"])  # every pair matched, as the loader gives
+        batch.itm_labels = torch.ones_like(batch.itm_labels)  # every pair matched, as the loader gives
     with FlopCounterMode(display=False) as counter:
-        model(**batch).loss.backward()
+        model(batch).loss.backward()
     # the analytic count leaves out filler queries (rows with fewer targets than the longest) and the padded
     # keys eager attention computes
-    assert counter.get_total_flops() == pytest.approx(batch_flops(model.config, kind, batch), rel=0.05)
-
-
-def test_batch_flops_refuse_a_mislabelled_batch():
-    """The count follows the inputs' kind, as the model does; a caller's other label would count other passes."""
-    cfg = FlavaConfig.preset("tiny")
-    with pytest.raises(ValueError, match="task 'image', but the inputs make a batch of kind 'image_text'"):
-        batch_flops(cfg, "image", make_batches(cfg)["image_text"])
+    assert counter.get_total_flops() == pytest.approx(batch_flops(model.config, batch), rel=0.05)

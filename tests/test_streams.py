@@ -6,6 +6,7 @@ import psutil
 import torch
 from torch.utils.data import default_collate
 
+from flava_ds.batch import Batch
 from flava_ds.data.sampler import ResumableDistributedSampler
 from flava_ds.train.streams import CountingCollate, Stream
 
@@ -15,15 +16,19 @@ class _Constant:
         return 64
 
     def __getitem__(self, key) -> dict[str, torch.Tensor]:
-        return {"x": torch.zeros(4)}
+        return {"input_ids": torch.zeros(4, dtype=torch.long)}
+
+
+def _collate(samples: list[dict[str, torch.Tensor]]) -> Batch:
+    return Batch(**default_collate(samples))
 
 
 def test_loader_workers_do_not_pin_the_trainers_memory():
     """A worker forked from the trainer would keep every page the trainer held (weights, optimizer state) and the
     trainer's next in-place update would copy them all: one more model's worth of host memory per worker."""
     held = torch.ones(2**29)  # 2 GiB the trainer holds and then updates in place (a loader process: ~0.5 GiB)
-    stream = Stream(_Constant(), CountingCollate(default_collate), ResumableDistributedSampler(64, 4), num_workers=1)
-    assert stream.next_batch()["x"].shape == (4, 4)
+    stream = Stream(_Constant(), CountingCollate(_collate), ResumableDistributedSampler(64, 4), num_workers=1)
+    assert stream.next_batch()["input_ids"].shape == (4, 4)
     held.add_(1.0)
     helpers = psutil.Process().children(recursive=True)
     assert helpers, "no loader worker process was started"

@@ -38,7 +38,6 @@ import platform
 import resource
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,159 +48,14 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make the repository importable without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
-from PIL import Image
 
+from flava_ds.batch import KINDS, Batch
 from flava_ds.model import FlavaConfig, FlavaForPreTraining
 from flava_ds.train.flops import batch_flops, peak_tflops
+from tools.bench_shards import existing_shards, make_shards, make_streams
 
 REPO = Path(__file__).resolve().parents[1]
-KINDS = ("image_text", "image", "text")
-# what both models take; loaders may add bookkeeping fields (e.g. counts of skipped samples)
-MODEL_INPUTS = (
-    "input_ids",
-    "input_ids_masked",
-    "attention_mask",
-    "pixel_values",
-    "bool_masked_pos",
-    "mim_labels",
-    "mlm_labels",
-    "itm_labels",
-)
-WORDS = (
-    "a man woman child dog cat sits stands runs on in near the red blue green old new small large street "
-    "beach field table car bike boat house tree sky water park city window with under over two three"
-).split()
-
-
-# ---- data ---------------------------------------------------------------------------------------------
-def make_shards(
-    root: Path, stored_size: int, pairs: int, docs: int, workers: int = 1, seed: int = 0
-) -> dict[str, Path]:
-    """Image-text, image-only and text shards made by the real preprocess tools (tiny random dVAE).
-
-    Captions are 4-40 words (ragged, so dynamic padding is exercised); images are stored at `stored_size`."""
-    from preprocess import images as prep_images
-    from preprocess import pairs as prep_pairs
-    from preprocess import text as prep_text
-
-    rng = np.random.default_rng(seed)
-    for folder in ("img", "classes/a", "classes/b"):  # image-only corpus: ImageNet-style class folders
-        (root / folder).mkdir(parents=True)
-    records = []
-    for i in range(pairs):
-        coarse = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
-        image = Image.fromarray(coarse).resize((stored_size + 40, stored_size + 20), Image.BICUBIC)
-        image.save(root / "img" / f"{i:05d}.jpg", quality=90)
-        if i % 2 == 0:
-            image.save(root / "classes" / "ab"[i % 4 // 2] / f"{i:05d}.jpg", quality=90)
-        caption = " ".join(rng.choice(WORDS, int(rng.integers(4, 41))))
-        records.append({"image": f"img/{i:05d}.jpg", "caption": caption})
-    _jsonl(root / "pairs.jsonl", records)
-    documents = [{"text": " ".join(rng.choice(WORDS, int(rng.integers(20, 400))))} for _ in range(docs)]
-    _jsonl(root / "docs.jsonl", documents)
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "train_tokenizer.py"),
-            "--input",
-            str(root / "pairs.jsonl"),
-            "--json-key",
-            "caption",
-            "--vocab-size",
-            "400",
-            "--output",
-            str(root / "tokenizer.json"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    tokenizer = str(root / "tokenizer.json")
-    common = [
-        "--codebook",
-        "random:0:tiny",
-        "--image-size",
-        str(stored_size),
-        "--workers",
-        str(workers),
-        "--no-progress",
-    ]
-    checks = [
-        prep_pairs.main(
-            [
-                "--input",
-                str(root / "pairs.jsonl"),
-                "--image-root",
-                str(root),
-                "--output",
-                str(root / "pairs"),
-                "--tokenizer",
-                tokenizer,
-                *common,
-            ]
-        ),
-        prep_images.main(["--input", str(root / "classes"), "--output", str(root / "images"), *common]),
-        prep_text.main(
-            [
-                "--input",
-                str(root / "docs.jsonl"),
-                "--tokenizer",
-                tokenizer,
-                "--output",
-                str(root / "text"),
-                "--workers",
-                "1",
-                "--no-progress",
-            ]
-        ),
-    ]
-    if any(checks):
-        raise SystemExit(f"preprocessing failed (exit codes {checks})")
-    return {
-        "tokenizer": root / "tokenizer.json",
-        "image_text": root / "pairs",
-        "image": root / "images",
-        "text": root / "text",
-    }
-
-
-def _jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-
-
-def existing_shards(directory: Path) -> dict[str, Path]:
-    """A --data directory laid out like `make_shards` writes it."""
-    shards = {
-        "tokenizer": directory / "tokenizer.json",
-        "image_text": directory / "pairs",
-        "image": directory / "images",
-        "text": directory / "text",
-    }
-    missing = [str(p) for p in shards.values() if not p.exists()]
-    if missing:
-        raise SystemExit(f"--data {directory}: missing {missing}")
-    return shards
-
-
-def make_streams(
-    shards: dict[str, Path], ratios: dict[str, float], crop: int, micro: int, workers: int, text_max_length: int
-):
-    """The trainer's own loader: one resumable stream per kind, the task mixer, the data-wait clock."""
-    from flava_ds.data.tokenizer import Tokenizer
-    from flava_ds.train.config import DataSection, StreamConfig
-    from flava_ds.train.streams import TrainStreams
-
-    section = DataSection(
-        tokenizer=str(shards["tokenizer"]),
-        image_text=StreamConfig(paths=[str(shards["image_text"])]),
-        image=StreamConfig(paths=[str(shards["image"])]),
-        text=StreamConfig(paths=[str(shards["text"])]),
-        task_ratios=ratios,
-        text_max_length=text_max_length,
-        num_workers=workers,
-    )
-    return TrainStreams(section, Tokenizer.from_file(section.tokenizer), crop, micro, 0, 1)
 
 
 # ---- models -------------------------------------------------------------------------------------------
@@ -231,19 +85,11 @@ def ds_config(stage: int, precision: str, micro: int, clip: float) -> dict[str, 
 
 
 def build_engine(model: torch.nn.Module, config: dict[str, Any], lr: float):
-    """Our model under DeepSpeed as the trainer builds it: its fused AdamW parameter groups, and no gradient
-    all-reduce where one fp32 ZeRO-0 rank has nothing to reduce."""
-    import deepspeed
-
+    """Our model under DeepSpeed as the trainer builds it (`flava_ds.train.engine.build_engine`)."""
     from flava_ds.train.config import OptimizerSection
-    from flava_ds.train.trainer import param_groups, skip_single_rank_allreduce
+    from flava_ds.train.engine import build_engine as trainer_engine
 
-    defaults = OptimizerSection()
-    groups = param_groups(model, defaults.weight_decay, defaults.no_decay)
-    optimizer = torch.optim.AdamW(groups, lr=lr, fused=True)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    skip_single_rank_allreduce(engine, dp_size=1)
-    return engine
+    return trainer_engine(model, config, OptimizerSection(lr=lr))
 
 
 def build_transformers(directory: Path, device: torch.device, lr: float):
@@ -272,17 +118,12 @@ def peak_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in MODEL_INPUTS}
+def our_step(engine, batch: Batch) -> float:
+    """The trainer's micro-step (`flava_ds.train.engine.backward_and_step`)."""
+    from flava_ds.train.engine import backward_and_step
 
-
-def our_step(engine, batch: dict[str, torch.Tensor]) -> float:
-    from flava_ds.train.trainer import fill_unreduced_gradients
-
-    out = engine(**batch)
-    engine.backward(out.loss)
-    fill_unreduced_gradients(engine)
-    engine.step()
+    out = engine(batch=batch)
+    backward_and_step(engine, out.loss)
     return float(out.loss.detach())
 
 
@@ -302,10 +143,10 @@ def median(values: list[float]) -> float:
 
 
 def schedule(streams, warmup: int, steps: int) -> list[tuple[str, bool]]:
-    """(task, measured) per step: first one unmeasured step of every kind in the mix (its loader workers start,
+    """(kind, measured) per step: first one unmeasured step of every kind in the mix (its loader workers start,
     first-call costs are paid), then `warmup` unmeasured and `steps` measured steps in the mixer's order."""
-    tasks = [(task, False) for task in streams.mixer.tasks]
-    return tasks + [(streams.task(i), i >= warmup) for i in range(warmup + steps)]
+    kinds = [(kind, False) for kind in streams.mixer.kinds]
+    return kinds + [(streams.kind(i), i >= warmup) for i in range(warmup + steps)]
 
 
 def train_phase(
@@ -314,23 +155,23 @@ def train_phase(
     """Consecutive DeepSpeed steps fed by the loader: throughput, TFLOP/s, MFU, data wait, memory."""
     records = []
     reset_peak(device)
-    for task, measured in schedule(streams, warmup, steps):
+    for kind, measured in schedule(streams, warmup, steps):
         sync(device)
         start, wait_before = time.perf_counter(), streams.wait_seconds
-        batch = model_inputs(streams.next_batch(task), device)
+        batch = streams.next_batch(kind).to(device, non_blocking=True)
         loss = our_step(engine, batch)
         sync(device)
         seconds = time.perf_counter() - start
-        streams.advance(task)
+        streams.advance(kind)
         if measured:
-            mask = batch.get("attention_mask")
+            mask = batch.attention_mask
             records.append(
                 {
-                    "task": task,
+                    "kind": kind,
                     "seconds": seconds,
                     "wait": streams.wait_seconds - wait_before,
-                    "flops": batch_flops(cfg, task, batch),
-                    "samples": next(iter(batch.values())).shape[0],
+                    "flops": batch_flops(cfg, batch),
+                    "samples": batch.size,
                     "text_slots": 0 if mask is None else mask.numel(),
                     "text_tokens": 0 if mask is None else int(mask.sum()),
                     "loss": loss,
@@ -340,7 +181,7 @@ def train_phase(
     tflops = total["flops"] / total["seconds"] / 1e12
     return {
         "steps": len(records),
-        "tasks": {t: n for t in KINDS if (n := sum(r["task"] == t for r in records))},
+        "kinds": {k: n for k in KINDS if (n := sum(r["kind"] == k for r in records))},
         "samples_per_s": total["samples"] / total["seconds"],
         "step_s_median": median([r["seconds"] for r in records]),
         "tflops": tflops,
@@ -364,9 +205,9 @@ def compare_phase(
     times: dict[str, list[float]] = {"flava_ds": [], "transformers": []}
     memory: dict[str, float] = {"flava_ds": 0.0, "transformers": 0.0}
     losses: dict[str, float] = {}
-    for step, (task, measured) in enumerate(schedule(streams, warmup, steps)):
-        batch = model_inputs(streams.next_batch(task), device)
-        streams.advance(task)
+    for step, (kind, measured) in enumerate(schedule(streams, warmup, steps)):
+        batch = streams.next_batch(kind).to(device, non_blocking=True)
+        streams.advance(kind)
         order = ("flava_ds", "transformers") if step % 2 == 0 else ("transformers", "flava_ds")
         for name in order:  # alternate who goes first
             sync(device)
@@ -383,7 +224,7 @@ def compare_phase(
             except torch.OutOfMemoryError:
                 optimizer.zero_grad(set_to_none=True)
                 torch.cuda.empty_cache()
-                return {"error": f"{name} ran out of memory at batch {next(iter(batch.values())).shape[0]}"}
+                return {"error": f"{name} ran out of memory at batch {batch.size}"}
             if measured:
                 times[name].append(time.perf_counter() - start)
                 if device.type == "cuda":
@@ -413,7 +254,7 @@ def gather_probe(engine, cfg: FlavaConfig, micro: int, device: torch.device, rep
     """Time the contrastive loss's all-gather (image + text embeddings, forward + backward) over the DP group."""
     import torch.distributed as dist
 
-    from flava_ds.model.contrastive import _gather
+    from flava_ds.model.contrastive import all_gather_rows
     from flava_ds.parallel.state import data_parallel_group
 
     dtype = next(engine.module.parameters()).dtype
@@ -425,7 +266,7 @@ def gather_probe(engine, cfg: FlavaConfig, micro: int, device: torch.device, rep
         )
         sync(device)
         start = time.perf_counter()
-        gathered = _gather(image, group, True).sum() + _gather(text, group, True).sum()
+        gathered = all_gather_rows(image, group, True).sum() + all_gather_rows(text, group, True).sum()
         gathered.backward()
         sync(device)
         if i >= 2:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from flava_ds.batch import Batch
 from flava_ds.data.arrow_dataset import ArrowShards
 from flava_ds.data.masking import BlockMaskGenerator
 from flava_ds.data.sampler import SampleKey, sample_rng
@@ -278,7 +279,12 @@ class ImageTextDataset(ImageDataset):
         return ImageTextCollator(TextCollator(self.tokenizer, self.seed, self.mlm_prob, self.whole_word))
 
 
-def collate_image(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+def collate_image(samples: Sequence[dict[str, Any]]) -> Batch:
+    return Batch(**image_inputs(samples))
+
+
+def image_inputs(samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The image inputs of a batch (also those of an image-text batch)."""
     return {key: torch.stack([s[key] for s in samples]) for key in ("pixel_values", "bool_masked_pos", "mim_labels")}
 
 
@@ -288,9 +294,6 @@ class ImageTextCollator:
     def __init__(self, text: TextCollator):
         self.text = text
 
-    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return {
-            **collate_image(samples),
-            **self.text(samples),
-            "itm_labels": torch.stack([s["itm_labels"] for s in samples]),
-        }
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> Batch:
+        itm_labels = torch.stack([s["itm_labels"] for s in samples])
+        return Batch(**image_inputs(samples), **self.text.padded(samples), itm_labels=itm_labels)

@@ -1,4 +1,4 @@
-"""Deterministic, resumable data order: per-stream samplers, weighted blending and the task mixer.
+"""Deterministic, resumable data order: per-stream samplers, weighted blending and the kind mixer.
 
 A stream's order is a pure function of (seed, global batch size, consumed samples), so a checkpoint
 only stores `consumed_samples` and a resumed run sees exactly the samples an uninterrupted one
@@ -289,8 +289,8 @@ class ResumableDistributedSampler:
         self.consumed_samples = int(state["consumed_samples"])
 
 
-class TaskMixer:
-    """Which batch kind (task) each training step uses: a pure function of (seed, step).
+class KindMixer:
+    """Which batch kind each training step uses: a pure function of (seed, step).
 
     Every rank computes the same answer without communication. Ratios are relative weights.
     """
@@ -306,29 +306,29 @@ class TaskMixer:
         total = float(sum(ratios.values()))
         if total <= 0:
             raise ValueError(f"task ratios sum to 0; give at least one task a positive ratio: {dict(ratios)}")
-        # Sorted names: the draw must not depend on the order a config listed the tasks in.
-        self.tasks = sorted(name for name, r in ratios.items() if r > 0)
-        self.probs = np.array([ratios[name] / total for name in self.tasks])
+        # Sorted names: the draw must not depend on the order a config listed the kinds in.
+        self.kinds = sorted(name for name, r in ratios.items() if r > 0)
+        self.probs = np.array([ratios[name] / total for name in self.kinds])
         self._cumulative = np.cumsum(self.probs)
         self.ratios = dict(ratios)
         self.seed = seed
 
-    def task_for_step(self, step: int) -> str:
+    def kind_for_step(self, step: int) -> str:
         u = np.random.default_rng([self.seed, step]).random()
         i = int(np.searchsorted(self._cumulative, u, side="right"))
-        return self.tasks[min(i, len(self.tasks) - 1)]
+        return self.kinds[min(i, len(self.kinds) - 1)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"ratios": self.ratios, "seed": self.seed}
 
 
 class DataPosition:
-    """The whole data position of a run (task mixer + one sampler per stream), one checkpoint entry."""
+    """The whole data position of a run (kind mixer + one sampler per stream), one checkpoint entry."""
 
-    def __init__(self, mixer: TaskMixer, samplers: Mapping[str, ResumableDistributedSampler]):
-        missing = set(mixer.tasks) - set(samplers)
+    def __init__(self, mixer: KindMixer, samplers: Mapping[str, ResumableDistributedSampler]):
+        missing = set(mixer.kinds) - set(samplers)
         if missing:
-            raise ValueError(f"tasks {sorted(missing)} have a positive ratio but no sampler")
+            raise ValueError(f"kinds {sorted(missing)} have a positive ratio but no sampler")
         self.mixer = mixer
         self.samplers = dict(samplers)
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from flava_ds.batch import Batch
 from flava_ds.data.masking import mask_tokens
 from flava_ds.data.sampler import SampleKey, sample_rng
 from flava_ds.data.tokenizer import Tokenizer
@@ -112,7 +113,8 @@ def open_checked(prefix: str, verify_checksums: bool = False) -> IndexedDataset:
 class TextDataset(Dataset):
     """Windows `[CLS] tokens [SEP]` of at most `max_length` ids over one or more indexed datasets.
 
-    `dataset[key]` takes an int or a `SampleKey` and returns {"input_ids": int64 array, "key": SampleKey}.
+    `dataset[key]` takes an int or a `SampleKey` and returns {"input_ids": int64 array, "key": SampleKey};
+    `collator()` masks them with `seed` (MLM draws are a function of (seed, key)) and `mlm_prob`.
     """
 
     def __init__(
@@ -121,11 +123,14 @@ class TextDataset(Dataset):
         tokenizer: Tokenizer,
         max_length: int = 128,
         verify_checksums: bool = False,
+        seed: int = 0,
+        mlm_prob: float = 0.15,
     ):
         if max_length < 3:
             raise ValueError(f"max_length must be >= 3 ([CLS] + one token + [SEP]), got {max_length}")
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.seed, self.mlm_prob = seed, mlm_prob
         self.prefixes = resolve_prefixes(paths)
         for prefix in self.prefixes:
             recorded = recorded_tokenizer(prefix)
@@ -164,11 +169,15 @@ class TextDataset(Dataset):
         input_ids = np.concatenate([[tok.cls_id], tokens.astype(np.int64), [tok.sep_id]])
         return {"input_ids": input_ids, "key": key}
 
+    def collator(self) -> TextCollator:
+        """Pads and MLM-masks this dataset's samples with its seed and masking probability."""
+        return TextCollator(self.tokenizer, self.seed, self.mlm_prob)
+
 
 class TextCollator:
     """Pads a list of `TextDataset` samples to the longest and applies (whole-word) MLM masking.
 
-    Returns `input_ids`, `input_ids_masked`, `attention_mask` (1 = token, 0 = pad) and `mlm_labels`
+    The batch has `input_ids`, `input_ids_masked`, `attention_mask` (1 = token, 0 = pad) and `mlm_labels`
     (-100 where not masked), all (B, L) int64 tensors.
     """
 
@@ -191,7 +200,11 @@ class TextCollator:
             whole_word=self.whole_word,
         )
 
-    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> Batch:
+        return Batch(**self.padded(samples))
+
+    def padded(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """The text inputs of a batch (also those of an image-text batch)."""
         length = max(len(s["input_ids"]) for s in samples)
         batch = {
             "input_ids": np.full((len(samples), length), self.tokenizer.pad_id, dtype=np.int64),

@@ -44,7 +44,7 @@ class _AllGather(torch.autograd.Function):
         return grad.chunk(dist.get_world_size(ctx.group))[dist.get_rank(ctx.group)], None
 
 
-def _gather(x: torch.Tensor, group: dist.ProcessGroup | None, with_grad: bool) -> torch.Tensor:
+def all_gather_rows(x: torch.Tensor, group: dist.ProcessGroup | None, with_grad: bool) -> torch.Tensor:
     if with_grad:
         return _AllGather.apply(x, group)
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
@@ -129,8 +129,8 @@ class GlobalContrastiveLoss(nn.Module):
         B = image_emb.shape[0]
         group = data_parallel_group()
         if _distributed():
-            all_image = _gather(image_emb, group, self.global_backprop)
-            all_text = _gather(text_emb, group, self.global_backprop)
+            all_image = all_gather_rows(image_emb, group, self.global_backprop)
+            all_text = all_gather_rows(text_emb, group, self.global_backprop)
             offset = dist.get_rank(group) * B
         else:
             all_image, all_text, offset = image_emb, text_emb, 0
@@ -165,8 +165,8 @@ class GlobalContrastiveLoss(nn.Module):
             raise ValueError("a ContrastiveCache needs the global normalizer (the step's query count)")
         if _distributed():
             group = data_parallel_group()
-            live_image = _gather(image_emb, group, self.global_backprop).unflatten(0, (-1, image_emb.shape[0]))
-            live_text = _gather(text_emb, group, self.global_backprop).unflatten(0, (-1, text_emb.shape[0]))
+            live_image = all_gather_rows(image_emb, group, self.global_backprop).unflatten(0, (-1, image_emb.shape[0]))
+            live_text = all_gather_rows(text_emb, group, self.global_backprop).unflatten(0, (-1, text_emb.shape[0]))
         else:
             live_image, live_text = image_emb[None], text_emb[None]  # (W, B, D)
         rows_image, columns_image = cache._with_live(cache.image, live_image)

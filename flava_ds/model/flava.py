@@ -1,18 +1,18 @@
 """FlavaForPreTraining: the three encoders, heads and losses of docs/DESIGN.md §3 for the three batch kinds.
 
-The batch kind follows from the inputs, as in `transformers`:
+A `flava_ds.batch.Batch` (or its inputs as keyword arguments, as in `transformers`) is of one kind:
   image-only  (pixel_values, bool_masked_pos, mim_labels)               -> MIM
   text-only   (input_ids[_masked], attention_mask, mlm_labels)           -> MLM
   image-text  (both, plus itm_labels)  -> global contrastive, ITM, MMM-image, MMM-text
 Only what the batch kind needs is computed: image-only batches never run an unmasked image pass, a
-contrastive-only model never runs the multimodal encoder, and heads only see masked positions. `ForwardPlan`
-decides which passes and heads run; `flava_ds.train.flops` counts the same plan.
+contrastive-only model never runs the multimodal encoder, and heads only see masked positions.
+`objectives.ForwardPlan` decides which passes and heads run; `flava_ds.train.flops` counts the same plan.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,19 +20,28 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from flava_ds.batch import Batch
 from flava_ds.model.config import FlavaConfig, merge_overrides, validate_for_tensor_parallel
 from flava_ds.model.contrastive import ContrastiveCache, GlobalContrastiveLoss
 from flava_ds.model.encoders import ImageEncoder, MultimodalEncoder, TextEncoder
 from flava_ds.model.heads import ITMHead, MaskedPredictionHead
 from flava_ds.model.hf_io import expect_keys, read_config, read_state_dict, write_checkpoint
+from flava_ds.model.objectives import (
+    LOSS_NAMES,
+    ForwardPlan,
+    check_inputs,
+    matched_rows,
+    mim_targets,
+    rows_only,
+    target_counts,
+)
 from flava_ds.model.transformer import positions_first
 from flava_ds.parallel import sharding
 from flava_ds.parallel.layers import TensorParallelLinearMixin
 from flava_ds.parallel.state import data_parallel_group, is_global_rank_zero, tensor_parallel_size
+from flava_ds.shard_format import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 NATIVE_FORMAT = "flava_ds"
-LOSS_NAMES = ("mim", "mlm", "itm", "global_contrastive", "mmm_image", "mmm_text")
 
 
 @dataclass
@@ -42,89 +51,6 @@ class FlavaOutput:
     image_embedding: torch.Tensor | None = None  # (B, projection_dim), L2-normalised (contrastive)
     text_embedding: torch.Tensor | None = None
     logits: dict[str, torch.Tensor] = field(default_factory=dict)  # mim, mlm, itm, mmm_*, contrastive_*
-
-
-@dataclass
-class PretrainingBatch:
-    """`forward`'s arguments, kept together on their way through the batch kinds' code paths."""
-
-    input_ids: torch.Tensor | None
-    input_ids_masked: torch.Tensor | None
-    attention_mask: torch.Tensor | None
-    pixel_values: torch.Tensor | None
-    bool_masked_pos: torch.Tensor | None
-    mim_labels: torch.Tensor | None
-    mlm_labels: torch.Tensor | None
-    itm_labels: torch.Tensor | None
-
-    @classmethod
-    def from_inputs(cls, inputs: Mapping[str, torch.Tensor]) -> PretrainingBatch:
-        """From `forward`'s keyword arguments (a loader batch); absent ones are None."""
-        return cls(**{f.name: inputs.get(f.name) for f in fields(cls)})
-
-    @property
-    def has_text(self) -> bool:
-        return self.input_ids is not None or self.input_ids_masked is not None
-
-    @property
-    def kind(self) -> str:
-        """The batch kind the inputs make, as in `transformers`: 'image_text', 'image' or 'text'."""
-        if self.pixel_values is not None:
-            return "image_text" if self.has_text else "image"
-        return "text"
-
-    @property
-    def text_ids(self) -> torch.Tensor | None:
-        """The ids the masked-modelling text pass reads: the masked ones when given."""
-        return self.input_ids_masked if self.input_ids_masked is not None else self.input_ids
-
-
-# Per head: the batch kind it runs in and the input it reads (None: ITM's logits need no labels).
-_HEAD_INPUTS = {
-    "mim": ("image", "mim_labels"),
-    "mlm": ("text", "mlm_labels"),
-    "itm": ("image_text", None),
-    "global_contrastive": ("image_text", "input_ids"),
-    "mmm_image": ("image_text", "mim_labels"),
-    "mmm_text": ("image_text", "mlm_labels"),
-}
-FUSION_HEADS = frozenset({"itm", "mmm_image", "mmm_text"})
-
-
-@dataclass(frozen=True)
-class ForwardPlan:
-    """Which passes and heads one forward runs, decided from the config and the inputs given. The forward paths
-    follow it and `flava_ds.train.flops.batch_flops` counts it, so the model FLOPs behind MFU are those of the
-    work that runs: a head runs for a loss of weight > 0 whose input is given, a pass only when a running head
-    reads it (FLAVA_C, contrastive only, runs no masked view and no fusion)."""
-
-    kind: str  # 'image_text', 'image' or 'text'
-    heads: frozenset[str]  # the LOSS_NAMES whose heads run; 'global_contrastive': the unmasked views' projections
-    shared_image: bool  # image-text: one unmasked image pass feeds contrastive and fusion (no mask was given)
-    shared_text: bool  # image-text: one text pass feeds both (no masked ids were given)
-
-    @classmethod
-    def of(cls, config: FlavaConfig, b: PretrainingBatch) -> ForwardPlan:
-        kind = b.kind
-        heads = frozenset(
-            name
-            for name, (head_kind, needs) in _HEAD_INPUTS.items()
-            if head_kind == kind
-            and getattr(config, f"{name}_weight") > 0
-            and (needs is None or getattr(b, needs) is not None)
-        )
-        both = "global_contrastive" in heads and not heads.isdisjoint(FUSION_HEADS)
-        return cls(kind, heads, both and b.bool_masked_pos is None, both and b.text_ids is b.input_ids)
-
-    @property
-    def contrastive(self) -> bool:
-        """The unmasked views run; the contrastive loss reads their CLS only (all positions when shared)."""
-        return "global_contrastive" in self.heads
-
-    @property
-    def fusion(self) -> bool:
-        """The masked views (or the shared unmasked ones) and the multimodal encoder run."""
-        return not self.heads.isdisjoint(FUSION_HEADS)
 
 
 class FlavaForPreTraining(nn.Module):
@@ -226,68 +152,35 @@ class FlavaForPreTraining(nn.Module):
     # ---- forward ------------------------------------------------------------------------------------
     def forward(
         self,
-        input_ids: torch.Tensor | None = None,
-        input_ids_masked: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        bool_masked_pos: torch.Tensor | None = None,
-        mim_labels: torch.Tensor | None = None,
-        mlm_labels: torch.Tensor | None = None,
-        itm_labels: torch.Tensor | None = None,
+        batch: Batch | None = None,
         loss_normalizers: Mapping[str, float] | None = None,
         contrastive_cache: ContrastiveCache | None = None,
+        **inputs: torch.Tensor,
     ) -> FlavaOutput:
-        """Shapes as in `transformers.FlavaForPreTraining.forward`:
-        input_ids, input_ids_masked, attention_mask, mlm_labels: (B, L); pixel_values: (B, C, S, S);
-        bool_masked_pos, mim_labels: (B, P) (codebook ids for all patches); itm_labels: (B,). Ignore index -100.
+        """A `Batch`, or its model inputs as keyword arguments as in `transformers.FlavaForPreTraining.forward`
+        (input_ids, input_ids_masked, attention_mask, mlm_labels: (B, L); pixel_values: (B, C, S, S);
+        bool_masked_pos, mim_labels: (B, P), codebook ids for all patches; itm_labels: (B,); ignore index -100).
 
         `loss_normalizers` (keys from LOSS_NAMES): a term named there is its summed per-target losses divided by
-        that number instead of their mean over this batch (see `target_counts`), so a trainer can make every
+        that number instead of their mean over this batch (see `loss_normalizers()`), so a trainer can make every
         term a mean over the global batch of a step; None or a name absent: this batch's mean, as `transformers`.
         With `loss_normalizers`, MMM and the contrastive rows are the matched pairs only, even when a batch has
         none (`transformers` then falls back to all rows, which would make the loss depend on how a global batch
         is cut). `contrastive_cache` (with `loss_normalizers`): the contrastive term scores against the columns of
         the step's whole global batch under accumulation (see `ContrastiveCache`).
         """
-        batch = PretrainingBatch(
-            input_ids,
-            input_ids_masked,
-            attention_mask,
-            pixel_values,
-            bool_masked_pos,
-            mim_labels,
-            mlm_labels,
-            itm_labels,
-        )
-        self._check_inputs(batch)
+        if batch is None:
+            batch = Batch.from_inputs(inputs)
+        elif inputs or not isinstance(batch, Batch):
+            raise TypeError("FlavaForPreTraining.forward: pass a Batch or the model inputs as keyword arguments")
+        check_inputs(self.config, batch)
         plan = ForwardPlan.of(self.config, batch)
         if plan.kind == "image_text":
             return self._image_text(batch, plan, loss_normalizers, contrastive_cache)
         paths = {"image": self._image_only, "text": self._text_only}
         return paths[plan.kind](batch, plan, loss_normalizers or {})
 
-    def target_counts(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """How many targets each loss of this batch (`forward`'s arguments) averages over, as 0-dim tensors keyed
-        by LOSS_NAMES: masked patches / tokens for MIM, MLM and MMM (MMM on matched pairs only), labelled pairs
-        for ITM, query rows for the contrastive loss. Summed over a step's micro-batches and data-parallel ranks
-        they give the global-batch normalisers of `forward`'s `loss_normalizers`."""
-        b = PretrainingBatch.from_inputs(inputs)
-        heads = ForwardPlan.of(self.config, b).heads
-        rows = matched_rows(b.itm_labels, fallback=False)
-        targets = {
-            "mim": lambda: mim_targets(b.mim_labels, b.bool_masked_pos),
-            "mlm": lambda: b.mlm_labels,
-            "mmm_image": lambda: _rows(mim_targets(b.mim_labels, b.bool_masked_pos), rows),
-            "mmm_text": lambda: _rows(b.mlm_labels, rows),
-        }
-        counts = {name: get().ne(IGNORE_INDEX).sum() for name, get in targets.items() if name in heads}
-        if "itm" in heads and b.itm_labels is not None:
-            counts["itm"] = torch.tensor(b.itm_labels.numel())
-        if "global_contrastive" in heads:
-            counts["global_contrastive"] = torch.tensor(b.input_ids.shape[0]) if rows is None else rows.sum()
-        return counts
-
-    def _image_only(self, b: PretrainingBatch, plan: ForwardPlan, normalizers: Mapping[str, float]) -> FlavaOutput:
+    def _image_only(self, b: Batch, plan: ForwardPlan, normalizers: Mapping[str, float]) -> FlavaOutput:
         out, targets = FlavaOutput(), None
         if "mim" in plan.heads:
             targets = F.pad(mim_targets(b.mim_labels, b.bool_masked_pos), (1, 0), value=IGNORE_INDEX)  # (B, 1+P)
@@ -298,7 +191,7 @@ class FlavaForPreTraining(nn.Module):
             self._masked_prediction(out, "mim", self.mim_head, image, mim, self.config.mim_weight, normalizers)
         return self._finish(out)
 
-    def _text_only(self, b: PretrainingBatch, plan: ForwardPlan, normalizers: Mapping[str, float]) -> FlavaOutput:
+    def _text_only(self, b: Batch, plan: ForwardPlan, normalizers: Mapping[str, float]) -> FlavaOutput:
         out = FlavaOutput()
         targets = b.mlm_labels if "mlm" in plan.heads else None
         index = _target_positions(targets)
@@ -309,17 +202,17 @@ class FlavaForPreTraining(nn.Module):
         return self._finish(out)
 
     def loss_normalizers(
-        self, micro_batches: list[Mapping[str, torch.Tensor]], across_ranks: bool = False
+        self, micro_batches: Sequence[Batch | Mapping[str, torch.Tensor]], across_ranks: bool = False
     ) -> dict[str, float]:
         """`forward`'s `loss_normalizers` for one optimizer step: per loss term, the step's global target count
-        (`target_counts` over these micro-batches, with `across_ranks` summed over the data-parallel ranks:
+        (`objectives.target_counts` over these micro-batches, with `across_ranks` summed over the data-parallel ranks:
         collective) / (ranks x micro-batches). A trainer dividing each micro-step's loss by the number of
         micro-batches and averaging gradients over the ranks (as DeepSpeed does) then applies the gradient of (all
         per-target losses of the step) / (their global count): the same update whatever cut of the global batch
         the ranks and micro-steps make."""
         counts = torch.zeros(len(LOSS_NAMES), dtype=torch.float64)
-        for inputs in micro_batches:
-            for name, count in self.target_counts(inputs).items():
+        for batch in micro_batches:
+            for name, count in target_counts(self.config, Batch.of(batch)).items():
                 counts[LOSS_NAMES.index(name)] += float(count)
         ranks = 1
         if across_ranks and dist.is_initialized():
@@ -330,15 +223,15 @@ class FlavaForPreTraining(nn.Module):
         return {name: max(total, 1.0) / share for name, total in zip(LOSS_NAMES, counts.tolist())}
 
     @torch.no_grad()
-    def contrastive_cache(self, micro_batches: list[Mapping[str, torch.Tensor]]) -> ContrastiveCache | None:
+    def contrastive_cache(self, micro_batches: Sequence[Batch | Mapping[str, torch.Tensor]]) -> ContrastiveCache | None:
         """The `ContrastiveCache` of one optimizer step: every micro-batch's contrastive embeddings as its
         training forward computes them (the unmasked views' CLS, no gradient) and its query rows (matched pairs),
         gathered over the data-parallel ranks (collective). None for batches without a contrastive term."""
-        if not ForwardPlan.of(self.config, PretrainingBatch.from_inputs(micro_batches[0])).contrastive:
+        micro_batches = [Batch.of(b) for b in micro_batches]
+        if not ForwardPlan.of(self.config, micro_batches[0]).contrastive:
             return None
         images, texts, rows = [], [], []
-        for inputs in micro_batches:
-            b = PretrainingBatch.from_inputs(inputs)
+        for b in micro_batches:
             images.append(self.encode_image(b.pixel_values))
             texts.append(self.encode_text(b.input_ids, b.attention_mask))
             matched = matched_rows(b.itm_labels, fallback=False)
@@ -347,7 +240,7 @@ class FlavaForPreTraining(nn.Module):
 
     def _image_text(
         self,
-        b: PretrainingBatch,
+        b: Batch,
         plan: ForwardPlan,
         normalizers: Mapping[str, float] | None,
         cache: ContrastiveCache | None,
@@ -368,9 +261,9 @@ class FlavaForPreTraining(nn.Module):
             mmm_image = mmm_text = None
             if "mmm_image" in plan.heads:
                 mmm_image = F.pad(mim_targets(b.mim_labels, b.bool_masked_pos), (2, L), value=IGNORE_INDEX)
-                mmm_image = _rows(mmm_image, row_mask)
+                mmm_image = rows_only(mmm_image, row_mask)
             if "mmm_text" in plan.heads:
-                mmm_text = _rows(F.pad(b.mlm_labels, (2 + P, 0), value=IGNORE_INDEX), row_mask)
+                mmm_text = rows_only(F.pad(b.mlm_labels, (2 + P, 0), value=IGNORE_INDEX), row_mask)
             wanted = torch.zeros(b.text_ids.shape[0], 2 + P + L, dtype=torch.bool, device=b.text_ids.device)
             wanted[:, 0] = True  # CLS_M, read by ITM
             for targets in (mmm_image, mmm_text):
@@ -456,49 +349,6 @@ class FlavaForPreTraining(nn.Module):
             out.loss = torch.stack(list(out.losses.values())).sum()
         return out
 
-    def _check_inputs(self, b: PretrainingBatch) -> None:
-        """Missing or wrongly shaped arguments raise ValueError naming the argument and the expected shape."""
-        img = self.config.image
-        if b.pixel_values is None and not b.has_text:
-            raise ValueError("FlavaForPreTraining.forward: pass pixel_values (B, C, H, W) and/or input_ids (B, L)")
-        B = (b.pixel_values if b.pixel_values is not None else b.text_ids).shape[0]  # B from images, else text
-        P = img.num_patches
-        if b.pixel_values is not None:
-            _expect("pixel_values", b.pixel_values, (B, img.num_channels, img.image_size, img.image_size))
-            _expect("bool_masked_pos", b.bool_masked_pos, (B, P))
-            _expect("mim_labels", b.mim_labels, (B, P))
-            if b.mim_labels is not None and b.bool_masked_pos is None:
-                raise ValueError(f"mim_labels given without bool_masked_pos: pass bool_masked_pos of shape ({B}, {P})")
-        if b.has_text:
-            ref = b.input_ids if b.input_ids is not None else b.input_ids_masked
-            if ref.dim() != 2:
-                raise ValueError(f"input_ids: expected shape (batch, seq_len), got {tuple(ref.shape)}")
-            L = ref.shape[1]
-            if L > self.config.text.max_position_embeddings:
-                raise ValueError(
-                    f"input_ids: seq_len {L} exceeds "
-                    f"text.max_position_embeddings={self.config.text.max_position_embeddings}"
-                )
-            for name in ("input_ids", "input_ids_masked", "attention_mask", "mlm_labels"):
-                _expect(name, getattr(b, name), (B, L))
-        else:
-            for name in ("attention_mask", "mlm_labels", "itm_labels"):
-                if getattr(b, name) is not None:
-                    raise ValueError(f"{name} given without input_ids: pass input_ids of shape (batch, seq_len)")
-        _expect("itm_labels", b.itm_labels, (B,))
-        if (
-            b.pixel_values is not None
-            and b.has_text
-            and self.config.global_contrastive_weight > 0
-            and b.input_ids is None
-        ):
-            raise ValueError(f"image-text batch: the contrastive loss needs the unmasked input_ids of shape ({B}, L)")
-
-
-def _expect(name: str, tensor: torch.Tensor | None, shape: tuple[int, ...]) -> None:
-    if tensor is not None and tuple(tensor.shape) != shape:
-        raise ValueError(f"{name}: expected shape {shape}, got {tuple(tensor.shape)}")
-
 
 def _padding_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return None if attention_mask is None else attention_mask.bool()
@@ -517,22 +367,3 @@ def _cls_only(batch: torch.Tensor) -> torch.Tensor:
 def _reduced(loss: Callable[[str], torch.Tensor], normalizer: float | None) -> torch.Tensor:
     """`loss(reduction)` as the mean over its rows, or, given a normalizer, as their sum divided by it."""
     return loss("mean") if normalizer is None else loss("sum") / normalizer
-
-
-def _rows(targets: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
-    """Targets of the rows outside `row_mask` (B,) set to the ignore index."""
-    return targets if row_mask is None else targets.masked_fill(~row_mask[:, None], IGNORE_INDEX)
-
-
-def matched_rows(itm_labels: torch.Tensor | None, fallback: bool = True) -> torch.Tensor | None:
-    """The rows (B,) whose pair is matched, which MMM and the contrastive loss read; with `fallback` all rows
-    when none is (as `transformers`)."""
-    if itm_labels is None:
-        return None
-    matched = itm_labels.ne(0)
-    return matched | ~matched.any() if fallback else matched
-
-
-def mim_targets(mim_labels: torch.Tensor, bool_masked_pos: torch.Tensor) -> torch.Tensor:
-    """Codebook ids at masked patches, ignore index elsewhere (never modifies the caller's tensor)."""
-    return mim_labels.masked_fill(~bool_masked_pos.bool(), IGNORE_INDEX)

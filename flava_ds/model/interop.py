@@ -16,6 +16,7 @@ from flava_ds.model.config import FlavaConfig, ImageConfig, MultimodalConfig, Te
 from flava_ds.model.hf_io import CheckpointError, expect_keys, read_config, read_state_dict, write_checkpoint
 from flava_ds.parallel.sharding import full_state_template
 from flava_ds.parallel.state import is_global_rank_zero
+from flava_ds.shard_format import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from torch import nn
@@ -205,7 +206,7 @@ def config_to_hf(config: FlavaConfig, codebook_config: dict | None) -> dict:
         "layer_norm_eps": mm.layer_norm_eps,
         "skip_unmasked_multimodal_encoder": True,
         "return_loss": True,
-        "ce_ignore_index": -100,
+        "ce_ignore_index": IGNORE_INDEX,
         **{theirs: getattr(config, ours) for theirs, ours in _TOP_KEYS.items()},
     }
 

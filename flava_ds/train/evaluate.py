@@ -8,18 +8,21 @@ functions.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from flava_ds.data.image_text import ImageAugment, ImageDataset, ImageTextDataset, collate_image
+from flava_ds.batch import Batch
+from flava_ds.data.image_text import ImageAugment, ImageDataset, ImageTextDataset
 from flava_ds.data.sampler import SampleKey
-from flava_ds.data.text_dataset import TextCollator, TextDataset
+from flava_ds.data.text_dataset import TextDataset
 from flava_ds.data.tokenizer import Tokenizer
 from flava_ds.model import FlavaForPreTraining
 from flava_ds.parallel.layers import gather_vocab_logits
+from flava_ds.shard_format import IGNORE_INDEX
 from flava_ds.train.config import RunConfig
 
 EVAL_SEED = 2024  # fixed crops, masks and ITM negatives: the same held-out batches at every evaluation
@@ -62,13 +65,11 @@ def load_class_names(spec: str) -> list[str]:
     return [name.strip() for _, name in sorted(rows, key=lambda row: int(row[0]))]
 
 
-def _batches(dataset, collate, count: int, batch_size: int):
+def _batches(dataset, count: int, batch_size: int) -> Iterator[Batch]:
+    """The first `count` samples of `dataset` (epoch 0), collated by the dataset's own collator."""
+    collate = dataset.collator()
     for start in range(0, count, batch_size):
         yield collate([dataset[SampleKey(i)] for i in range(start, min(count, start + batch_size))])
-
-
-def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def retrieval_recall(
@@ -106,7 +107,7 @@ def image_text_metrics(
     image_emb, correct, seen = [], 0, 0
     for start in range(0, count, batch_size):
         indices = range(start, min(count, start + batch_size))
-        batch = _to(dataset.collator()([dataset[SampleKey(i)] for i in indices]), device)
+        batch = dataset.collator()([dataset[SampleKey(i)] for i in indices]).to(device)
         image_emb.append(model.encode_image(batch["pixel_values"]))
         if model.config.itm_weight > 0:
             others = [dataset.captions((i + 1) % count)[0] for i in indices]
@@ -170,12 +171,12 @@ def masked_accuracy(model: FlavaForPreTraining, batches, device: torch.device, h
     correct = total = 0
     counts: dict[int, int] = {}
     for batch in batches:
-        batch = _to(batch, device)
-        out = model(**batch)
+        batch = batch.to(device)
+        out = model(batch)
         labels = (
-            batch["mim_labels"].masked_select(batch["bool_masked_pos"])
+            batch.mim_labels.masked_select(batch.bool_masked_pos)
             if head == "mim"
-            else batch["mlm_labels"][batch["mlm_labels"] != -100]
+            else batch.mlm_labels[batch.mlm_labels != IGNORE_INDEX]
         )
         logits = out.logits[head]
         if head == "mlm":  # under tensor parallelism each rank holds a slice of the vocabulary
@@ -238,7 +239,7 @@ def zero_shot_classification(
     scores = torch.cat(
         [
             model.encode_image(batch["pixel_values"].to(device)).float() @ class_emb.float().t()
-            for batch in _batches(dataset, collate_image, len(labels), batch_size)
+            for batch in _batches(dataset, len(labels), batch_size)
         ]
     ).cpu()  # (N, classes)
     top = scores.topk(min(5, len(names)), dim=-1).indices
@@ -258,7 +259,7 @@ def linear_probe_metrics(
     from flava_ds.train.linear_probe import image_features, linear_probe
 
     sets = [labelled_images(directory, crop, count) for directory in (train, val)]
-    features = [image_features(model, _batches(d, collate_image, len(y), batch_size), device) for d, y in sets]
+    features = [image_features(model, _batches(d, len(y), batch_size), device) for d, y in sets]
     classes = max(len(class_names_of(train)), int(max(y.max() for _, y in sets)) + 1)
     return linear_probe((features[0], sets[0][1]), (features[1], sets[1][1]), classes)
 
@@ -275,7 +276,7 @@ def retrieval_metrics(
 def mim_metrics(model: FlavaForPreTraining, path: str, crop: int, count: int, batch_size: int, device):
     """MIM accuracy (and the most-frequent-token baseline) on held-out image or image-text shards."""
     images = ImageDataset(path, ImageAugment(crop_size=crop, flip=False), seed=EVAL_SEED)
-    batches = _batches(images, collate_image, min(count, len(images)), batch_size)
+    batches = _batches(images, min(count, len(images)), batch_size)
     accuracy, baseline = masked_accuracy(model, batches, device, "mim")
     return {"mim_accuracy": accuracy, "mim_baseline": baseline}
 
@@ -291,8 +292,8 @@ def mlm_metrics(
     device,
 ) -> dict[str, float]:
     """MLM accuracy (and the most-frequent-token baseline) on held-out text shards, fixed masks."""
-    texts = TextDataset(path, tokenizer, max_length=max_length)
-    batches = _batches(texts, TextCollator(tokenizer, EVAL_SEED, mlm_prob), min(count, len(texts)), batch_size)
+    texts = TextDataset(path, tokenizer, max_length=max_length, seed=EVAL_SEED, mlm_prob=mlm_prob)
+    batches = _batches(texts, min(count, len(texts)), batch_size)
     accuracy, baseline = masked_accuracy(model, batches, device, "mlm")
     return {"mlm_accuracy": accuracy, "mlm_baseline": baseline}
 

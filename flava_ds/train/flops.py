@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from flava_ds.batch import Batch
 from flava_ds.model.config import EncoderConfig, FlavaConfig
-from flava_ds.model.flava import IGNORE_INDEX, ForwardPlan, PretrainingBatch, matched_rows, mim_targets
+from flava_ds.model.objectives import ForwardPlan, matched_rows, mim_targets
+from flava_ds.shard_format import IGNORE_INDEX
 
 # Dense bf16 peak TFLOP/s per device (no sparsity), matched against torch.cuda.get_device_name().
 PEAK_TFLOPS = {
@@ -64,14 +66,10 @@ def _row_counts(mask: torch.Tensor) -> torch.Tensor:
     return mask.sum(1).cpu()
 
 
-def batch_flops(cfg: FlavaConfig, task: str, batch: dict[str, torch.Tensor]) -> float:
-    """Forward + backward model FLOPs of one micro-batch of kind `task` ('image_text', 'image', 'text'): the
-    passes and heads the model's own `ForwardPlan` runs for this config and these inputs, so a loss of weight 0
-    (FLAVA_C's masked views and fusion) is not counted."""
-    b = PretrainingBatch.from_inputs(batch)
+def batch_flops(cfg: FlavaConfig, b: Batch) -> float:
+    """Forward + backward model FLOPs of one micro-batch: the passes and heads the model's own `ForwardPlan` runs
+    for this config and batch, so a loss of weight 0 (FLAVA_C's masked views and fusion) is not counted."""
     plan = ForwardPlan.of(cfg, b)
-    if plan.kind != task:
-        raise ValueError(f"batch_flops: task {task!r}, but the inputs make a batch of kind {plan.kind!r}")
     img, txt, mm = cfg.image, cfg.text, cfg.multimodal
     if b.pixel_values is not None:
         B, P = b.pixel_values.shape[0], img.num_patches
@@ -121,11 +119,11 @@ def batch_flops(cfg: FlavaConfig, task: str, batch: dict[str, torch.Tensor]) -> 
     return 3 * fwd
 
 
-def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+def batch_tokens(b: Batch) -> int:
     """Tokens the encoders see: real text tokens plus image patches (+ CLS)."""
     tokens = 0
-    if "attention_mask" in batch:
-        tokens += int(batch["attention_mask"].sum())
-    if "bool_masked_pos" in batch:
-        tokens += batch["bool_masked_pos"].numel() + batch["bool_masked_pos"].shape[0]
+    if b.attention_mask is not None:
+        tokens += int(b.attention_mask.sum())
+    if b.bool_masked_pos is not None:
+        tokens += b.bool_masked_pos.numel() + b.bool_masked_pos.shape[0]
     return tokens

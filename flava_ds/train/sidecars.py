@@ -24,9 +24,7 @@ TRAINING = "training.json"
 def data_sources(data: DataSection) -> dict[str, Any]:
     """Each trained stream's ratio and shard directories, with their sample counts and manifest fingerprints."""
     sources: dict[str, Any] = {}
-    for stream, ratio in data.task_ratios.items():
-        if ratio <= 0:
-            continue
+    for stream, ratio in data.active_ratios().items():
         shards = []
         for path in getattr(data, stream).paths:
             manifests = read_manifests(Path(path))

@@ -1,12 +1,12 @@
-"""The training data of a run: one resumable stream per batch kind and the task mixer that picks between them.
+"""The training data of a run: one resumable stream per batch kind and the mixer that picks between them.
 
-Optimizer step s of the run trains the task `mixer.task_for_step(s)` on every rank and micro-step; that stream's
+Optimizer step s of the run trains the kind `mixer.kind_for_step(s)` on every rank and micro-step; that stream's
 sampler hands this rank its share of the stream's next micro-step (micro x data-parallel size; a step's
-`accumulation` micro-steps make its global batch) and moves on only when the trainer calls `advance(task)`.
+`accumulation` micro-steps make its global batch) and moves on only when the trainer calls `advance(kind)`.
 The whole position is `state_dict()`, saved in every checkpoint.
 
 Every dataset is wrapped in `TolerantDataset` (a sample that fails to decode is replaced and counted; each
-batch carries the count as `bad_samples`), and loader workers and their fork server ignore SIGTERM/SIGUSR1:
+`Batch` carries the count as `bad_samples`), and loader workers and their fork server ignore SIGTERM/SIGUSR1:
 SLURM signals every process of a job, and only the trainer decides when to stop (a dead worker would abort the
 checkpoint).
 
@@ -32,15 +32,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader
 
+from flava_ds.batch import Batch
 from flava_ds.data.arrow_dataset import ArrowShards
-from flava_ds.data.image_text import ImageAugment, ImageDataset, ImageTextDataset, collate_image
-from flava_ds.data.sampler import BlendedDataset, DataPosition, ResumableDistributedSampler, TaskMixer
-from flava_ds.data.text_dataset import TextCollator, TextDataset
+from flava_ds.data.image_text import ImageAugment, ImageDataset, ImageTextDataset
+from flava_ds.data.sampler import BlendedDataset, DataPosition, KindMixer, ResumableDistributedSampler
+from flava_ds.data.text_dataset import TextDataset
 from flava_ds.data.tokenizer import Tokenizer
 from flava_ds.data.tolerant import BAD_SAMPLES, TolerantDataset
+from flava_ds.parallel.state import data_parallel_rank, data_parallel_size
 from flava_ds.train.config import DataSection, StreamConfig
 
 
@@ -90,14 +91,14 @@ def release_semaphore_names(iterator: Any) -> None:
 
 
 class CountingCollate:
-    """The stream's collator plus `bad_samples`: how many reads in this batch failed and were replaced."""
+    """The dataset's collator, and in the batch's `bad_samples` how many of its reads failed and were replaced."""
 
-    def __init__(self, collate: Callable[[Sequence[dict[str, Any]]], dict[str, torch.Tensor]]):
+    def __init__(self, collate: Callable[[Sequence[dict[str, Any]]], Batch]):
         self.collate = collate
 
-    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> Batch:
         batch = self.collate(samples)
-        batch[BAD_SAMPLES] = torch.tensor(sum(s.get(BAD_SAMPLES, 0) for s in samples))
+        batch.bad_samples = sum(s.get(BAD_SAMPLES, 0) for s in samples)
         return batch
 
 
@@ -107,12 +108,12 @@ class Stream:
     collate: Any
     sampler: ResumableDistributedSampler
     num_workers: int
-    _iterator: Iterator[dict[str, torch.Tensor]] | None = None
+    _iterator: Iterator[Batch] | None = None
     _receiver: ThreadPoolExecutor | None = None
     _next: Future | None = None  # the batch after the one last returned, being received (workers only)
     _received: int = 0  # batches returned by the current iterator
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
+    def next_batch(self) -> Batch:
         if self._iterator is None:  # (re)start prefetching from the sampler's current position
             loader = DataLoader(
                 self.dataset,
@@ -158,31 +159,36 @@ class TrainStreams:
         tokenizer: Tokenizer | None,
         crop_size: int,
         micro_batch: int,
-        dp_rank: int,
-        dp_size: int,
         accumulation: int = 1,
     ):
-        self.mixer = TaskMixer({k: v for k, v in data.task_ratios.items() if v > 0}, seed=data.seed)
+        """This data-parallel rank's streams (TP peers read the same batches): `micro_batch` samples per
+        micro-step, `accumulation` micro-steps per optimizer step."""
+        dp_rank, dp_size = data_parallel_rank(), data_parallel_size()
+        self.mixer = KindMixer(data.active_ratios(), seed=data.seed)
         self.streams: dict[str, Stream] = {}
-        for task in self.mixer.tasks:
-            datasets = [self._dataset(task, path, data, tokenizer, crop_size) for path in getattr(data, task).paths]
-            collate = CountingCollate(self._collator(task, datasets[0], data, tokenizer))
-            datasets = [TolerantDataset(d, f"{task} {p}") for d, p in zip(datasets, getattr(data, task).paths)]
-            dataset, source = self._blend(datasets, getattr(data, task), data.seed)
+        for kind in self.mixer.kinds:
+            paths = getattr(data, kind).paths
+            datasets = [self._dataset(kind, path, data, tokenizer, crop_size) for path in paths]
+            collate = CountingCollate(datasets[0].collator())
+            datasets = [TolerantDataset(d, f"{kind} {p}") for d, p in zip(datasets, paths)]
+            dataset, source = self._blend(datasets, getattr(data, kind), data.seed)
             sampler = ResumableDistributedSampler(
                 source, micro_batch, dp_rank=dp_rank, dp_size=dp_size, accumulation=accumulation, seed=data.seed
             )
-            self.streams[task] = Stream(dataset, collate, sampler, data.num_workers)
-        self.position = DataPosition(self.mixer, {t: s.sampler for t, s in self.streams.items()})
+            self.streams[kind] = Stream(dataset, collate, sampler, data.num_workers)
+        self.position = DataPosition(self.mixer, {k: s.sampler for k, s in self.streams.items()})
         self.wait_seconds = 0.0  # time the trainer spent blocked on data
 
     @staticmethod
-    def _dataset(task: str, path: str, data: DataSection, tokenizer: Tokenizer | None, crop: int):
-        augment = ImageAugment(crop_size=crop)
-        if task == "text":
-            return TextDataset(path, tokenizer, max_length=data.text_max_length, verify_checksums=data.verify_checksums)
+    def _dataset(kind: str, path: str, data: DataSection, tokenizer: Tokenizer | None, crop: int):
+        """A dataset of one stream, with the run's seed (and masking probability where it masks text)."""
+        if kind == "text":
+            return TextDataset(
+                path, tokenizer, data.text_max_length, data.verify_checksums, seed=data.seed, mlm_prob=data.mlm_prob
+            )
         shards = ArrowShards(path, verify_checksums=data.verify_checksums)
-        if task == "image_text":
+        augment = ImageAugment(crop_size=crop)
+        if kind == "image_text":
             return ImageTextDataset(
                 shards,
                 tokenizer,
@@ -194,14 +200,6 @@ class TrainStreams:
         return ImageDataset(shards, augment, seed=data.seed)
 
     @staticmethod
-    def _collator(task: str, dataset, data: DataSection, tokenizer: Tokenizer | None):
-        if task == "image_text":
-            return dataset.collator()
-        if task == "image":
-            return collate_image
-        return TextCollator(tokenizer, data.seed, data.mlm_prob)
-
-    @staticmethod
     def _blend(datasets: list, stream: StreamConfig, seed: int):
         if len(datasets) == 1:
             return datasets[0], len(datasets[0])
@@ -209,32 +207,32 @@ class TrainStreams:
         weights = stream.weights or [1.0] * len(datasets)
         return blended, blended.blend(weights, seed)
 
-    def task(self, step: int) -> str:
+    def kind(self, step: int) -> str:
         """The batch kind of optimizer step `step` (0-based), for all of its micro-steps."""
-        return self.mixer.task_for_step(step)
+        return self.mixer.kind_for_step(step)
 
-    def next_batch(self, task: str) -> dict[str, torch.Tensor]:
+    def next_batch(self, kind: str) -> Batch:
         start = time.perf_counter()
-        batch = self.streams[task].next_batch()
+        batch = self.streams[kind].next_batch()
         self.wait_seconds += time.perf_counter() - start
         return batch
 
-    def current_keys(self, task: str) -> list:
+    def current_keys(self, kind: str) -> list:
         """The SampleKeys of this rank's batch at the stream's current position (what next_batch returned)."""
-        sampler = self.streams[task].sampler
+        sampler = self.streams[kind].sampler
         return sampler.micro_batch(sampler.consumed_samples)
 
     def epochs(self) -> dict[str, float]:
         """Per stream, the epochs its samples seen make (of a blend: of all its datasets' samples together)."""
         out = {}
-        for task, stream in self.streams.items():
+        for kind, stream in self.streams.items():
             sampler = stream.sampler
             size = sampler.samples_per_epoch or sum(sampler.source.sizes)
-            out[task] = sampler.consumed_samples / size
+            out[kind] = sampler.consumed_samples / size
         return out
 
-    def advance(self, task: str) -> None:
-        self.streams[task].sampler.advance()
+    def advance(self, kind: str) -> None:
+        self.streams[kind].sampler.advance()
 
     def close(self) -> None:
         for stream in self.streams.values():
