@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from preprocess.input_records import BadRecord, InputError, Record, split_compression
+from preprocess.input_records import InputError, Record, split_compression
 from preprocess.line_readers import LINE_SUFFIXES, is_coco, read_coco, read_delimited, read_jsonl
 from preprocess.shards import ShardInput
 from preprocess.table_readers import (
@@ -207,9 +207,8 @@ def first_records(blocks: Sequence[Block], count: int) -> list[Record]:
     return list(itertools.islice(itertools.chain.from_iterable(b.read() for b in blocks), count))
 
 
-__all__ = [  # BadRecord and read_coco: for the tools that read inputs as the converters do
+__all__ = [
     "FORMATS",
-    "BadRecord",
     "Block",
     "InputError",
     "describe_formats",
@@ -217,7 +216,6 @@ __all__ = [  # BadRecord and read_coco: for the tools that read inputs as the co
     "expand_inputs",
     "first_records",
     "input_blocks",
-    "read_coco",
     "row_range_shards",
     "table_columns",
 ]

@@ -109,7 +109,7 @@ def test_raw_image_retrieval_from_coco_and_karpathy_files_ranks_by_hand(tmp_path
 
     import numpy as np
 
-    from flava_ds.data.image_text import eval_pixels
+    from flava_ds.data.image_dataset import eval_pixels
     from flava_ds.data.tokenizer import Tokenizer
     from tests.data_fixtures import caption, random_image
 

@@ -17,15 +17,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from flava_ds.data.image_text import eval_pixels
+from flava_ds.data.image_dataset import eval_pixels
 from flava_ds.data.processing import PROCESSING, load_processing
 from flava_ds.data.tokenizer import Tokenizer, TokenizerError
 from flava_ds.model import FlavaConfig, FlavaForPreTraining
 from flava_ds.train.hf_export import save_hf_image_processor, save_hf_tokenizer
 from flava_ds.train.sidecars import TRAINING
 from tests.data_fixtures import random_image
+from tests.launch import launch_pretrain
 from tests.text_fixtures import train_tokenizers, write_corpus
-from tests.train_fixtures import finished, launch, make_training_data, write_ds_config, write_run_config
+from tests.train_fixtures import finished, write_ds_config, write_run_config
 from tools import convert_checkpoint
 
 TEXTS = [
@@ -104,19 +105,18 @@ def check_transformers_reproduces_flava_ds(export: Path, hf: Path) -> tuple[floa
     return float(image_cos.min()), float(text_cos.min())
 
 
-def test_wordpiece_training_run_exports_a_self_contained_transformers_dir(tmp_path):
+def test_wordpiece_training_run_exports_a_self_contained_transformers_dir(training_data, tmp_path):
     """A real short run (mixed batch kinds, evaluation) with the fixtures' WordPiece tokenizer.json."""
-    data = make_training_data(tmp_path / "data")
     metrics = tmp_path / "metrics.jsonl"
     config = write_run_config(
         tmp_path / "run.yaml",
-        data,
+        training_data,
         train={"steps": 3, "log_interval": 1},
-        eval={"image_text": [str(data["heldout"])], "max_samples": 8, "batch_size": 8},
+        eval={"image_text": [str(training_data["heldout"])], "max_samples": 8, "batch_size": 8},
         logging={"metrics_file": str(metrics)},
     )
     ds = write_ds_config(tmp_path / "ds.json", 0)
-    result = launch(1, "--deepspeed_config", str(ds), "--config", str(config), "--save", str(tmp_path / "ck"))
+    result = launch_pretrain(1, "--deepspeed_config", str(ds), "--config", str(config), "--save", str(tmp_path / "ck"))
     assert finished(result, 1), result.stdout[-3000:] + result.stderr[-3000:]
     tag = tmp_path / "ck" / "global_step3"
     assert {PROCESSING, TRAINING, "tokenizer.json"} <= {p.name for p in tag.iterdir()}
@@ -129,9 +129,9 @@ def test_wordpiece_training_run_exports_a_self_contained_transformers_dir(tmp_pa
     print(f"wordpiece: min cosine image {cosines[0]:.7f}, text {cosines[1]:.7f}")
 
     card = (hf / "README.md").read_text()
-    fingerprint = Tokenizer.from_file(data["tokenizer"]).fingerprint
+    fingerprint = Tokenizer.from_file(training_data["tokenizer"]).fingerprint
     assert "for 3 steps" in card and f"`{fingerprint}`" in card
-    assert str(data["pairs"]) in card and "retrieval/image_to_text_R@1" in card
+    assert str(training_data["pairs"]) in card and "retrieval/image_to_text_R@1" in card
 
 
 def test_sentencepiece_training_run_exports_a_self_contained_transformers_dir(tmp_path):
@@ -155,7 +155,7 @@ def test_sentencepiece_training_run_exports_a_self_contained_transformers_dir(tm
         train={"steps": 2, "log_interval": 1},
     )
     ds = write_ds_config(tmp_path / "ds.json", 0)
-    result = launch(1, "--deepspeed_config", str(ds), "--config", str(config), "--save", str(tmp_path / "ck"))
+    result = launch_pretrain(1, "--deepspeed_config", str(ds), "--config", str(config), "--save", str(tmp_path / "ck"))
     assert finished(result, 1), result.stdout[-3000:] + result.stderr[-3000:]
 
     export, hf = export_to_hf(tmp_path / "ck", tmp_path)

@@ -17,13 +17,15 @@ import pytest
 from PIL import Image
 
 from flava_ds.data.arrow_dataset import ArrowShards
-from flava_ds.data.image_text import ImageAugment, ImageTextDataset
+from flava_ds.data.image_dataset import ImageAugment
+from flava_ds.data.image_text import ImageTextDataset
 from flava_ds.data.sampler import SampleKey
 from flava_ds.data.tokenizer import Tokenizer
 from preprocess import pairs
 from tests.data_fixtures import CODEBOOK, WORDS, make_tokenizer
+from tests.launch import ROOT
+from tests.text_fixtures import write_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
 N = 12
 
 
@@ -267,10 +269,8 @@ def test_compressed_jsonl_and_csv_inputs(root, tokenizer, tmp_path):
     for i in range(6):
         (tmp_path / "img" / f"{i}.jpg").write_bytes(image_bytes(i))
         records.append({"image": f"img/{i}.jpg", "caption": captions_of(i)[0]})
-    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records[:3])
-    with zstandard.open(tmp_path / "b.jsonl.zst", "wt") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records[3:])
+    write_jsonl(tmp_path / "a.jsonl.gz", records[:3], gzip.open)
+    write_jsonl(tmp_path / "b.jsonl.zst", records[3:], zstandard.open)
     out = tmp_path / "out"
     assert convert(root, out, str(tmp_path / "*.jsonl.*"), extra=("--image-root", str(tmp_path))) == 0
     assert [r["captions"][0] for r in stored_rows(out)] == [r["caption"] for r in records]
@@ -285,7 +285,7 @@ def test_compressed_jsonl_and_csv_inputs(root, tokenizer, tmp_path):
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "preprocess.pairs", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "preprocess.pairs", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
 
 
@@ -306,9 +306,7 @@ def test_a_wrong_field_fails_before_the_codebook_loads_naming_the_fields_present
 
 
 def test_an_image_root_holding_none_of_the_images_is_refused(root, tmp_path):
-    (tmp_path / "pairs.jsonl").write_text(
-        "".join(json.dumps({"image": f"img/{i}.jpg", "caption": captions_of(i)[0]}) + "\n" for i in range(4))
-    )
+    write_jsonl(tmp_path / "pairs.jsonl", ({"image": f"img/{i}.jpg", "caption": captions_of(i)[0]} for i in range(4)))
     with pytest.raises(SystemExit) as refused:
         convert(root, tmp_path / "out", str(tmp_path / "pairs.jsonl"), extra=("--image-root", str(tmp_path)))
     assert refused.value.code == 2

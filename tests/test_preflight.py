@@ -16,7 +16,8 @@ import pyarrow as pa
 import pytest
 
 from flava_ds.data.arrow_dataset import ArrowShards, ShardError
-from flava_ds.data.image_text import ImageAugment, ImageTextDataset
+from flava_ds.data.image_dataset import ImageAugment
+from flava_ds.data.image_text import ImageTextDataset
 from flava_ds.data.text_dataset import TextDataset
 from flava_ds.data.tokenizer import Tokenizer
 from flava_ds.data.tolerant import TolerantDataset

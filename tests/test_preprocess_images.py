@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from flava_ds.data.arrow_dataset import ArrowShards, ShardError
-from flava_ds.data.image_text import ImageAugment, ImageDataset
+from flava_ds.data.image_dataset import ImageAugment, ImageDataset
 from flava_ds.data.tokenizer import Tokenizer
 from flava_ds.model.codebook import load_codebook
 from preprocess import images, pairs
@@ -34,8 +34,9 @@ from tests.data_fixtures import (
     write_hostile_jsonl,
     write_images,
 )
+from tests.launch import ROOT
+from tests.text_fixtures import write_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
 PAIR_COLUMNS = ["id", "image", "codebook_tokens", "codebook_tokens_flipped", "captions", "input_ids"]
 N_PAIRS = 20
 
@@ -53,7 +54,6 @@ def shard_bytes(directory: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pairs")
-    make_tokenizer(root)
     make_pairs(root, N_PAIRS)
     return root
 
@@ -264,17 +264,14 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(tmp_path: Path):
     # large PNGs make each shard slow enough to kill the job between shards
     names = write_images(root, 24, seed=3, sizes=((640, 480), (480, 640)))
     rng = np.random.default_rng(0)
-    lines = [
-        json.dumps({"image": n, "caption": f"photo {i} of " + " ".join(rng.choice(["a", "b"], 4))})
-        for i, n in enumerate(names)
-    ]
-    (root / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    captions = [f"photo {i} of " + " ".join(rng.choice(["a", "b"], 4)) for i in range(len(names))]
+    write_jsonl(root / "pairs.jsonl", [{"image": n, "caption": c} for n, c in zip(names, captions)])
     reference, killed = root / "reference", root / "killed"
     args = ["--shard-size", "3"]
     assert pairs.main(pairs_args(root, reference, *args)) == 0
 
     cmd = [sys.executable, "-m", "preprocess.pairs", *pairs_args(root, killed, *args)]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest_path = killed / "manifest.json"
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:

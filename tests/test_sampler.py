@@ -18,9 +18,9 @@ from flava_ds.data.sampler import (
     BlendedIndex,
     DataPosition,
     EpochOrder,
+    KindMixer,
     ResumableDistributedSampler,
     SampleKey,
-    TaskMixer,
     sample_rng,
 )
 
@@ -182,9 +182,9 @@ def test_blend_validation():
 RATIOS = {"image_text": 0.5, "text": 0.2, "image": 0.3, "off": 0.0}
 MIXER_SCRIPT = """
 import json, sys
-from flava_ds.data.sampler import TaskMixer
+from flava_ds.data.sampler import KindMixer
 ratios = json.loads(sys.argv[1])
-print(json.dumps([TaskMixer(ratios, seed=11).task_for_step(s) for s in range(2000)]))
+print(json.dumps([KindMixer(ratios, seed=11).kind_for_step(s) for s in range(2000)]))
 """
 
 
@@ -202,17 +202,17 @@ def test_task_mixer_agrees_across_processes():
     outputs = [json.loads(proc.communicate(timeout=120)[0]) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0]
     assert outputs[0] == outputs[1]
-    assert outputs[0] == [TaskMixer(RATIOS, seed=11).task_for_step(s) for s in range(2000)]
-    assert outputs[0] != [TaskMixer(RATIOS, seed=12).task_for_step(s) for s in range(2000)]
+    assert outputs[0] == [KindMixer(RATIOS, seed=11).kind_for_step(s) for s in range(2000)]
+    assert outputs[0] != [KindMixer(RATIOS, seed=12).kind_for_step(s) for s in range(2000)]
 
 
 def test_task_mixer_frequencies_match_ratios():
-    mixer = TaskMixer(RATIOS, seed=0)
-    counts = Counter(mixer.task_for_step(s) for s in range(20_000))
+    mixer = KindMixer(RATIOS, seed=0)
+    counts = Counter(mixer.kind_for_step(s) for s in range(20_000))
     assert counts["off"] == 0
     for task in ("image_text", "text", "image"):
         assert abs(counts[task] / 20_000 - RATIOS[task]) < 0.015
-    assert mixer.task_for_step(12345) == TaskMixer(RATIOS, seed=0).task_for_step(12345)
+    assert mixer.kind_for_step(12345) == KindMixer(RATIOS, seed=0).kind_for_step(12345)
 
 
 @pytest.mark.parametrize(
@@ -221,12 +221,12 @@ def test_task_mixer_frequencies_match_ratios():
 )
 def test_task_mixer_validation(ratios, message):
     with pytest.raises(ValueError, match=message):
-        TaskMixer(ratios)
+        KindMixer(ratios)
 
 
 def test_data_position_round_trip():
     def make():
-        mixer = TaskMixer({"text": 1, "image": 1}, seed=0)
+        mixer = KindMixer({"text": 1, "image": 1}, seed=0)
         return DataPosition(
             mixer, {"text": ResumableDistributedSampler(64, 4), "image": ResumableDistributedSampler(32, 2)}
         )
@@ -238,7 +238,7 @@ def test_data_position_round_trip():
     resumed.load_state_dict(json.loads(json.dumps(run.state_dict())))
     assert [s.consumed_samples for s in resumed.samplers.values()] == [12, 2]
     with pytest.raises(ValueError, match="no sampler"):
-        DataPosition(TaskMixer({"text": 1, "image": 1}), {"text": ResumableDistributedSampler(64, 4)})
+        DataPosition(KindMixer({"text": 1, "image": 1}), {"text": ResumableDistributedSampler(64, 4)})
 
 
 class KeyEcho:

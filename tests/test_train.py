@@ -11,19 +11,8 @@ import yaml
 
 from flava_ds.model import FlavaForPreTraining
 from flava_ds.train.checkpoint import export, read_latest
-from tests.train_fixtures import (
-    finished,
-    launch,
-    make_training_data,
-    step_losses,
-    write_ds_config,
-    write_run_config,
-)
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_training_data(tmp_path_factory.mktemp("train_data"))
+from tests.launch import launch_pretrain
+from tests.train_fixtures import finished, pretrain_refusal, step_losses, write_ds_config, write_run_config
 
 
 def _train(
@@ -45,18 +34,18 @@ def _train(
         tmp / "run.yaml", data, logging={"metrics_file": str(metrics), "peak_tflops": 1.0}, **sections
     )
     ds = write_ds_config(tmp / ds_name, stage, micro=2 // accum, accum=accum)
-    result = launch(
+    result = launch_pretrain(
         2, "--deepspeed_config", str(ds), "--config", str(config), "--train-steps", str(steps), *extra, env=env
     )
     assert finished(result, 2, stopped_early), result.stdout[-4000:] + result.stderr[-4000:]
     return step_losses(metrics), result
 
 
-def test_zero_stages_agree(data, tmp_path):
+def test_zero_stages_agree(training_data, tmp_path):
     """fp32 losses of the first 5 steps (mixed batch kinds) agree across ZeRO 0, 1, 2 and 3, and so do the weights
     each stage's checkpoint exports (ZeRO-0 has no optimizer partitions, ZeRO-1 leaves out the frozen poolers)."""
     runs = {
-        stage: _train(data, tmp_path / f"z{stage}", stage, 5, "--save", str(tmp_path / f"ck{stage}"))[0]
+        stage: _train(training_data, tmp_path / f"z{stage}", stage, 5, "--save", str(tmp_path / f"ck{stage}"))[0]
         for stage in (0, 1, 2, 3)
     }
     exported = {
@@ -75,18 +64,18 @@ def test_zero_stages_agree(data, tmp_path):
     assert len(set(round(v, 3) for v in runs[0].values())) == 5  # the steps really differ (mixed kinds, updates)
 
 
-def test_every_micro_step_of_an_optimizer_step_trains_the_same_batch_kind(data, tmp_path):
+def test_every_micro_step_of_an_optimizer_step_trains_the_same_batch_kind(training_data, tmp_path):
     """Under accumulation a step is one batch kind (the paper's one dataset per iteration), drawn from (seed, step):
     accumulation does not change which kinds a step mixes."""
     import json
 
-    from flava_ds.data.sampler import TaskMixer
+    from flava_ds.data.sampler import KindMixer
     from flava_ds.train.config import DataSection
 
     logs = tmp_path / "samples"
-    _train(data, tmp_path / "run", 1, 6, accum=2, env={"FLAVA_DS_SAMPLE_LOG": str(logs)})
-    mixer = TaskMixer({"image_text": 2.0, "image": 1.0, "text": 1.0}, seed=DataSection().seed)
-    expected = [mixer.task_for_step(s) for s in range(6)]
+    _train(training_data, tmp_path / "run", 1, 6, accum=2, env={"FLAVA_DS_SAMPLE_LOG": str(logs)})
+    mixer = KindMixer({"image_text": 2.0, "image": 1.0, "text": 1.0}, seed=DataSection().seed)
+    expected = [mixer.kind_for_step(s) for s in range(6)]
     assert len(set(expected)) > 1
     for rank in (0, 1):
         records = [json.loads(line) for line in (logs / f"rank{rank}.jsonl").read_text().splitlines()]
@@ -94,11 +83,11 @@ def test_every_micro_step_of_an_optimizer_step_trains_the_same_batch_kind(data, 
         assert [r["task"] for r in records] == [task for task in expected for _ in (0, 1)]
 
 
-def test_exact_resume_and_tensorboard(data, tmp_path):
+def test_exact_resume_and_tensorboard(training_data, tmp_path):
     tb, wandb_dir = tmp_path / "tb", tmp_path / "wandb"
     wandb = f"{{project: flava_ds_test, mode: offline, dir: {wandb_dir}}}"
     straight, result = _train(
-        data,
+        training_data,
         tmp_path / "straight",
         2,
         10,
@@ -109,7 +98,7 @@ def test_exact_resume_and_tensorboard(data, tmp_path):
         word in console[0] for word in ("elapsed", "ETA 0s", "40 samples", "| epoch ", " image_text 0.")
     )
     first, _ = _train(
-        data,
+        training_data,
         tmp_path / "first",
         2,
         10,
@@ -120,9 +109,8 @@ def test_exact_resume_and_tensorboard(data, tmp_path):
         stopped_early=True,
     )
     assert read_latest(tmp_path / "ck_resume") == "global_step5"
-    second, result = _train(
-        data, tmp_path / "second", 2, 10, "--save", str(tmp_path / "ck_resume"), "--load", str(tmp_path / "ck_resume")
-    )
+    resume = ("--save", str(tmp_path / "ck_resume"), "--load", str(tmp_path / "ck_resume"))
+    second, result = _train(training_data, tmp_path / "second", 2, 10, *resume)
     assert "resumed from" in result.stderr + result.stdout
     assert sorted(second) == list(range(6, 11))
     resumed = {**first, **second}
@@ -178,40 +166,29 @@ def _check_tensorboard(tb: Path) -> None:
 
 def _main(tmp_path, fixture_data, **sections) -> str:
     """Run pretrain.main in-process with a bad config; return its one-line error."""
-    from flava_ds import pretrain
-
     config = write_run_config(tmp_path / "bad.yaml", fixture_data, **sections)
     ds = write_ds_config(tmp_path / "ds.json", 2, micro=2, accum=2)
-    built = []
-    original = FlavaForPreTraining.__init__
-    FlavaForPreTraining.__init__ = lambda self, *a, **k: built.append(1) or original(self, *a, **k)
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            pretrain.main(["--deepspeed_config", str(ds), "--config", str(config)])
-    finally:
-        FlavaForPreTraining.__init__ = original
-    assert not built, "the model was built before the config was refused"
-    return str(exit_info.value.code)
+    return pretrain_refusal(["--deepspeed_config", str(ds), "--config", str(config)])
 
 
-def test_bad_configs_fail_before_the_model_is_built(data, tmp_path, monkeypatch):
+def test_bad_configs_fail_before_the_model_is_built(training_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    message = _main(tmp_path, data, train={"global_batch_size": 16})
+    message = _main(tmp_path, training_data, train={"global_batch_size": 16})
     assert "micro batch 2 x accumulation 2 x data-parallel size 2 = 8" in message
-    message = _main(tmp_path, data, train={"stepz": 3})
+    message = _main(tmp_path, training_data, train={"stepz": 3})
     assert "config.train: unknown key(s) ['stepz']" in message
-    message = _main(tmp_path, data, data={"image": {"paths": [str(tmp_path / "nope")]}})
+    message = _main(tmp_path, training_data, data={"image": {"paths": [str(tmp_path / "nope")]}})
     assert f"data.image.paths: {tmp_path / 'nope'} does not exist" in message
-    message = _main(tmp_path, data, data={"text": {"paths": []}, "task_ratios": {"text": 1.0}})
+    message = _main(tmp_path, training_data, data={"text": {"paths": []}, "task_ratios": {"text": 1.0}})
     assert "data.task_ratios.text=1.0 but data.text.paths is empty" in message
-    message = _main(tmp_path, data, logging={"wandb": {"project": "p", "mode": "ofline"}})
+    message = _main(tmp_path, training_data, logging={"wandb": {"project": "p", "mode": "ofline"}})
     assert "logging.wandb.mode='ofline'" in message
 
 
-def test_run_config_overrides(tmp_path, data):
+def test_run_config_overrides(tmp_path, training_data):
     from flava_ds.train.config import RunConfig
 
-    path = write_run_config(tmp_path / "run.yaml", data)
+    path = write_run_config(tmp_path / "run.yaml", training_data)
     config = RunConfig.load(
         path, [("train.log_interval", "7"), ("data.task_ratios", "{image: 1}"), ("deepspeed.bf16.enabled", "false")]
     )
@@ -220,14 +197,14 @@ def test_run_config_overrides(tmp_path, data):
     assert yaml.safe_load(path.read_text())["model"]["preset"] == "tiny"
 
 
-def test_tensor_parallel_training_matches_single_process(data, tmp_path):
+def test_tensor_parallel_training_matches_single_process(training_data, tmp_path):
     """pretrain.py with --tensor-model-parallel-size 2 (2 ranks, DP = 1) follows the 1-process run, ZeRO-1."""
-    config = write_run_config(tmp_path / "run.yaml", data)
+    config = write_run_config(tmp_path / "run.yaml", training_data)
     ds = write_ds_config(tmp_path / "ds.json", 1)
     losses = {}
     for tp in (1, 2):
         metrics = tmp_path / f"tp{tp}.jsonl"
-        result = launch(
+        result = launch_pretrain(
             tp,
             "--deepspeed_config",
             str(ds),

@@ -37,7 +37,8 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from flava_ds.data.image_text import ImageAugment, ImageTextDataset, normalize
+from flava_ds.data.image_dataset import ImageAugment, normalize
+from flava_ds.data.image_text import ImageTextDataset
 from flava_ds.data.masking import BlockMaskGenerator
 from flava_ds.data.sampler import SampleKey, sample_rng
 from flava_ds.data.text_dataset import TextCollator

@@ -128,7 +128,8 @@ def load_model(path: Path, tag: str | None, scratch: Path):
 
 def read_caption_file(path: str, split: str | None) -> tuple[list[str], list[list[str]]]:
     """(image file names, their captions) of a COCO caption file or a Karpathy split file."""
-    from preprocess.readers import BadRecord, read_coco
+    from preprocess.input_records import BadRecord
+    from preprocess.line_readers import read_coco
 
     data = json.loads(Path(path).read_text())
     images = data.get("images") if isinstance(data, dict) else None
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, float]:
     import torch
     from tqdm import tqdm
 
-    from flava_ds.data.image_text import eval_pixels
+    from flava_ds.data.image_dataset import eval_pixels
     from flava_ds.data.processing import load_processing
     from flava_ds.data.tokenizer import Tokenizer
     from flava_ds.train import evaluate as ev

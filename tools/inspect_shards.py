@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from flava_ds.data.arrow_dataset import ArrowShards
-from flava_ds.data.image_text import PATCH, block_masker
+from flava_ds.data.image_dataset import PATCH, block_masker
 from flava_ds.data.sampler import SampleKey, sample_rng
 from flava_ds.data.tokenizer import Tokenizer
 from flava_ds.shard_format import CAPTIONS, CODEBOOK_TOKENS, ID, IMAGE, INPUT_IDS, LABEL, manifest_paths

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from flava_ds.data.image_text import CLIP_MEAN, CLIP_STD, eval_pixels
+from flava_ds.data.image_dataset import CLIP_MEAN, CLIP_STD, eval_pixels
 from flava_ds.data.tokenizer import CANONICAL_NAMES, Tokenizer, TokenizerError
 
 PROCESSING = "processing.json"

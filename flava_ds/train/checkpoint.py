@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import random
 import re
 import shutil
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from flava_ds.shard_format import atomic_write_bytes
 from flava_ds.train.elastic import universal_load_repairs, universal_tag
 from flava_ds.train.faults import FAULTS
 from flava_ds.train.sidecars import carry_to_export
@@ -115,11 +115,7 @@ def tag_for(step: int) -> str:
 
 
 def publish_latest(save_dir: Path, tag: str) -> None:
-    tmp = save_dir / f".{LATEST}.tmp"
-    tmp.write_text(tag)
-    with open(tmp) as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, save_dir / LATEST)
+    atomic_write_bytes(save_dir / LATEST, tag.encode())
 
 
 def read_latest(directory: str | Path) -> str | None:

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from flava_ds.batch import Batch
-from flava_ds.data.image_text import ImageAugment, ImageDataset, ImageTextDataset
+from flava_ds.data.image_dataset import ImageAugment, ImageDataset
+from flava_ds.data.image_text import ImageTextDataset
 from flava_ds.data.sampler import SampleKey
 from flava_ds.data.text_dataset import TextDataset
 from flava_ds.data.tokenizer import Tokenizer

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import resource
 import time
 from collections import defaultdict
@@ -27,6 +26,7 @@ import torch.distributed as dist
 
 from flava_ds.batch import Batch
 from flava_ds.model import LOSS_NAMES, FlavaConfig, FlavaOutput
+from flava_ds.shard_format import atomic_write_bytes
 from flava_ds.train.config import LoggingSection, RunConfig
 from flava_ds.train.flops import batch_flops, batch_tokens
 
@@ -141,9 +141,7 @@ class MetricsFile:
                 continue
             if record.get("step", 0) <= step:
                 kept.append(line + "\n")
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        atomic_write_bytes(self.path, "".join(kept).encode())
 
 
 class RunLog:

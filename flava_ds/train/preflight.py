@@ -15,11 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flava_ds.data.arrow_dataset import ShardError, read_manifests
-from flava_ds.data.image_text import PATCH, codebook_size
+from flava_ds.data.image_dataset import PATCH, codebook_size
 from flava_ds.data.text_dataset import merged_manifest, resolve_prefixes
 from flava_ds.data.tokenizer import Tokenizer
 from flava_ds.model import FlavaConfig
+from flava_ds.shard_format import ShardError, read_manifests
 from flava_ds.train.config import ConfigError, RunConfig
 
 CAPTIONS, IMAGES, CLASSIFICATION, TEXT = "image_text", "image", "classification", "text"

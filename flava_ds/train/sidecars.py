@@ -13,9 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from flava_ds.data.arrow_dataset import read_manifests
 from flava_ds.data.processing import PROCESSING, copy_processing, processing_record, tokenizer_copy
 from flava_ds.data.tokenizer import Tokenizer
+from flava_ds.shard_format import read_manifests
 from flava_ds.train.config import DataSection
 
 TRAINING = "training.json"

@@ -36,7 +36,8 @@ from torch.utils.data import DataLoader
 
 from flava_ds.batch import Batch
 from flava_ds.data.arrow_dataset import ArrowShards
-from flava_ds.data.image_text import ImageAugment, ImageDataset, ImageTextDataset
+from flava_ds.data.image_dataset import ImageAugment, ImageDataset
+from flava_ds.data.image_text import ImageTextDataset
 from flava_ds.data.sampler import BlendedDataset, DataPosition, KindMixer, ResumableDistributedSampler
 from flava_ds.data.text_dataset import TextDataset
 from flava_ds.data.tokenizer import Tokenizer
