@@ -35,8 +35,6 @@ import argparse
 import json
 import os
 import platform
-import resource
-import socket
 import statistics
 import sys
 import tempfile
@@ -53,51 +51,18 @@ import torch
 from flava_ds.batch import KINDS, Batch
 from flava_ds.model import FlavaConfig, FlavaForPreTraining
 from flava_ds.train.flops import batch_flops, peak_tflops
-from tools.bench_shards import existing_shards, make_shards, make_streams
+from flava_ds.train.metrics import peak_memory_mib
+from tools.bench_setup import (
+    build_engine,
+    build_transformers,
+    ds_config,
+    existing_shards,
+    init_process_group,
+    make_shards,
+    make_streams,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-# ---- models -------------------------------------------------------------------------------------------
-def init_process_group(device: torch.device) -> None:
-    """A 1-rank group (gloo on CPU, NCCL on GPU): the DeepSpeed engine and the contrastive gather run as in training."""
-    import deepspeed
-
-    if not os.environ.get("MASTER_PORT"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
-        os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
-
-
-def ds_config(stage: int, precision: str, micro: int, clip: float) -> dict[str, Any]:
-    config = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
-    config.pop("bf16", None)
-    config.pop("fp16", None)
-    config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1, gradient_clipping=clip)
-    if precision == "bf16":
-        config["bf16"] = {"enabled": True}
-    elif precision == "fp16":
-        config["fp16"] = {"enabled": True, "initial_scale_power": 12}
-    return config
-
-
-def build_engine(model: torch.nn.Module, config: dict[str, Any], lr: float):
-    """Our model under DeepSpeed as the trainer builds it (`flava_ds.train.engine.build_engine`)."""
-    from flava_ds.train.config import OptimizerSection
-    from flava_ds.train.engine import build_engine as trainer_engine
-
-    return trainer_engine(model, config, OptimizerSection(lr=lr))
-
-
-def build_transformers(directory: Path, device: torch.device, lr: float):
-    """transformers' FlavaForPreTraining from our exported initial weights (fp32 weights, plain AdamW)."""
-    import transformers
-
-    model = transformers.FlavaForPreTraining.from_pretrained(directory).to(device).train()
-    return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
 
 
 # ---- timing -------------------------------------------------------------------------------------------
@@ -109,13 +74,6 @@ def sync(device: torch.device) -> None:
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-
-
-def peak_mib(device: torch.device) -> float:
-    """GPU: max allocated since the last reset; CPU: this process's peak RSS (both models, once loaded)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def our_step(engine, batch: Batch) -> float:
@@ -191,7 +149,7 @@ def train_phase(
         "text_padding_fraction": 1 - sum(r["text_tokens"] for r in records) / total["text_slots"]
         if total["text_slots"]
         else None,
-        "peak_mib": peak_mib(device),
+        "peak_mib": peak_memory_mib(),
         "last_loss": records[-1]["loss"] if records else None,
     }
 

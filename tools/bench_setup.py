@@ -1,17 +1,24 @@
-"""Shards for the training benchmarks, made by the real preprocess tools, and the trainer's own loader over them.
+"""What the training benchmarks set up: shards made by the real preprocess tools, the trainer's own loader over
+them, a 1-rank process group, and both models.
 
 `make_shards` writes image-text, image-only and text shards (random images, a small WordPiece vocabulary, the tiny
 random dVAE codebook; a model's cost does not depend on the values); `make_streams` opens them as
-`flava_ds.train.streams.TrainStreams`, one resumable stream per batch kind, as a training run does.
+`flava_ds.train.streams.TrainStreams`, one resumable stream per batch kind, as a training run does; `build_engine`
+is the trainer's engine (`flava_ds.train.engine`), `build_transformers` the reference model.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
 from tools.make_demo_data import write_jsonl
@@ -147,3 +154,44 @@ def make_streams(
         num_workers=workers,
     )
     return TrainStreams(section, Tokenizer.from_file(section.tokenizer), crop, micro)
+
+
+def init_process_group(device: torch.device) -> None:
+    """A 1-rank group (gloo on CPU, NCCL on GPU): the DeepSpeed engine and the contrastive gather run as in training."""
+    import deepspeed
+
+    if not os.environ.get("MASTER_PORT"):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def ds_config(stage: int, precision: str, micro: int, clip: float) -> dict[str, Any]:
+    config = json.loads((REPO / "ds_configs" / f"zero{stage}.json").read_text())
+    config.pop("bf16", None)
+    config.pop("fp16", None)
+    config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1, gradient_clipping=clip)
+    if precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 12}
+    return config
+
+
+def build_engine(model: torch.nn.Module, config: dict[str, Any], lr: float):
+    """Our model under DeepSpeed as the trainer builds it (`flava_ds.train.engine.build_engine`)."""
+    from flava_ds.train.config import OptimizerSection
+    from flava_ds.train.engine import build_engine as trainer_engine
+
+    return trainer_engine(model, config, OptimizerSection(lr=lr))
+
+
+def build_transformers(directory: Path, device: torch.device, lr: float):
+    """transformers' FlavaForPreTraining from our exported initial weights (fp32 weights, plain AdamW)."""
+    import transformers
+
+    model = transformers.FlavaForPreTraining.from_pretrained(directory).to(device).train()
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
