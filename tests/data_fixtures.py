@@ -1,4 +1,5 @@
-"""Small on-disk corpora for the data tests: a WordPiece tokenizer, images, pairs files (incl. hostile ones)."""
+"""Small on-disk image and image-text corpora for the data tests: a WordPiece tokenizer over their captions' words,
+images, pairs files (incl. hostile ones)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from tests.text_fixtures import SPECIALS, write_jsonl
+
 WORDS = (
     "a dog cat runs on the grass under blue sky with red ball near old tree small house big car "
     "people walk street city night light water river boat green field"
 ).split()
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 CODEBOOK = "random:0:tiny"
 
 
@@ -61,20 +63,19 @@ def write_images(root: Path, n: int, seed: int = 0, sizes=((120, 90), (90, 130),
     return names
 
 
-def write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
 def make_pairs(root: Path, n: int, seed: int = 0) -> Path:
-    """root/pairs.jsonl with n clean image-caption pairs (images under root/img)."""
+    """root/pairs.jsonl with n clean image-caption pairs (images under root/img) and root/tokenizer.json: the corpus
+    `pairs_args` converts."""
+    make_tokenizer(root)
     rng = np.random.default_rng(seed + 1)
     names = write_images(root, n, seed)
     records = [{"image": p, "caption": caption(rng, int(rng.integers(4, 12)))} for p in names]
     return write_jsonl(root / "pairs.jsonl", records)
 
 
-def pairs_args(root: Path, output: Path, *extra: str, inputs: tuple[str, ...] = ("pairs.jsonl",)) -> list[str]:
+def pairs_args(
+    root: Path, output: Path, *extra: str, inputs: tuple[str, ...] = ("pairs.jsonl",), shard_size: int = 8
+) -> list[str]:
     """Command-line arguments of preprocess.pairs for a fixture corpus (S = 80, tiny codebook)."""
     return [
         "--input",
@@ -90,7 +91,7 @@ def pairs_args(root: Path, output: Path, *extra: str, inputs: tuple[str, ...] = 
         "--image-size",
         "80",
         "--shard-size",
-        "8",
+        str(shard_size),
         "--workers",
         "0",
         "--no-progress",

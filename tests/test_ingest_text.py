@@ -18,7 +18,7 @@ from flava_ds.data.text_dataset import IndexedDataset
 from flava_ds.data.tokenizer import Tokenizer
 from preprocess.text import count_documents
 from preprocess.text import main as preprocess_text
-from tests.text_fixtures import write_corpus
+from tests.text_fixtures import HOSTILE_JSONL, HOSTILE_SKIPS, run_text_preprocess, write_corpus
 from tools.train_tokenizer import train_wordpiece
 
 
@@ -50,8 +50,8 @@ def corpus(tmp_path_factory) -> dict:
 
 
 def run(inputs, output, tokenizer, *extra: str) -> int:
-    args = ["--input", *map(str, inputs), "--output", str(output), "--tokenizer", str(tokenizer), "--no-progress"]
-    return preprocess_text([*args, "--shard-size", "40", *extra])
+    """preprocess.text in shards of 40 documents."""
+    return run_text_preprocess(inputs, output, tokenizer, "--shard-size", "40", *extra)
 
 
 def merged_files(output: Path) -> list[bytes]:
@@ -89,34 +89,16 @@ def test_the_progress_total_is_known_from_parquet_footers_only(corpus):
 
 
 def test_skips_in_a_compressed_file_are_counted_by_reason_and_named_by_line(corpus, tmp_path, capsys):
-    lines = [
-        b'{"text": "good dog", "url": "a"}',
-        b'{"text": ""}',
-        b'{"body": "no text field"}',
-        b'{"text": 42}',
-        b"not json at all",
-        b'{"text": "bad byte \xff here"}',
-        b'{"text": "\\u0000\\u0001"}',  # only control characters: no tokens
-        b"",  # blank lines are not records
-        b'{"text": "walking cat"}',
-    ]
     source = tmp_path / "hostile.jsonl.bz2"
     with bz2.open(source, "wb") as f:
-        f.write(b"\n".join(lines) + b"\n")
+        f.write(HOSTILE_JSONL)
     assert run([source], tmp_path / "out", corpus["tokenizer"], "--workers", "0", "--max-skip-fraction", "1") == 0
     err = capsys.readouterr().err
-    assert "skipped (bad_record) hostile.jsonl.bz2:5" in err and "skipped (not_utf8) hostile.jsonl.bz2:6" in err
+    assert "skipped (bad_record) hostile.jsonl.bz2:6" in err and "skipped (not_utf8) hostile.jsonl.bz2:7" in err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["skip_examples"]["bad_record"] == ["hostile.jsonl.bz2:5"]
-    assert manifest["inputs_seen"] == 8 and manifest["samples_written"] == 2
-    assert manifest["skipped"] == {
-        "bad_record": 1,
-        "empty_text": 1,
-        "missing_field": 1,
-        "no_tokens": 1,
-        "not_a_string": 1,
-        "not_utf8": 1,
-    }
+    assert manifest["skip_examples"]["bad_record"] == ["hostile.jsonl.bz2:6"]
+    assert manifest["inputs_seen"] == 10 and manifest["samples_written"] == 2
+    assert manifest["skipped"] == HOSTILE_SKIPS
     ds = IndexedDataset(str(tmp_path / "out" / "text"))
     expected = Tokenizer.from_file(corpus["tokenizer"]).encode_raw(["good dog", "walking cat"])
     assert [ds[i].tolist() for i in range(len(ds))] == expected

@@ -28,17 +28,16 @@ from tests.data_fixtures import (
     pairs_args,
     random_image,
     write_images,
-    write_jsonl,
 )
+from tests.launch import ROOT
+from tests.text_fixtures import write_jsonl
 
-REPO = Path(__file__).resolve().parents[1]
 LOCK = ".lock-manifest.json"
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("guards")
-    make_tokenizer(root)
     make_pairs(root, 12)
     return root
 
@@ -62,7 +61,7 @@ def start_converter(root: Path, output: Path, log: Path) -> subprocess.Popen:
     """preprocess.pairs in its own process, with one pool worker (a child process that could hold the lock)."""
     cmd = [sys.executable, "-m", "preprocess.pairs", *pairs_args(root, output, "--workers", "1")]
     with open(log, "wb") as err:
-        return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+        return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
 
 
 def wait_until_locked(proc: subprocess.Popen, lock: Path) -> None:
@@ -85,7 +84,7 @@ def test_a_second_converter_into_the_same_output_is_refused_and_the_first_comple
         os.kill(first.pid, signal.SIGSTOP)  # mid-run, holding the lock, for as long as the second one takes
         try:
             cmd = [sys.executable, "-m", "preprocess.pairs", *pairs_args(corpus, out)]
-            second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+            second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
         finally:
             os.kill(first.pid, signal.SIGCONT)
         assert first.wait(timeout=120) == 0, (tmp_path / "first.log").read_text()

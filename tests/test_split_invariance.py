@@ -17,7 +17,8 @@ import pytest
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from flava_ds.train.checkpoint import publish_latest, tag_for
-from tests.train_fixtures import ROOT, finished, launch, make_training_data, write_ds_config, write_run_config
+from tests.launch import ROOT, launch_pretrain
+from tests.train_fixtures import finished, write_ds_config, write_run_config
 
 GLOBAL_BATCH = 16
 RTOL = 1e-5
@@ -27,11 +28,6 @@ SEED = 70
 KINDS = ("image_text", "image", "text")
 # (data-parallel ranks, micro batch, accumulation steps), all GLOBAL_BATCH samples per step
 SHAPES = [(1, 16, 1), (2, 8, 1), (4, 4, 1), (1, 4, 4), (2, 4, 2)]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_training_data(tmp_path_factory.mktemp("split_data"))
 
 
 def _config(data, tmp: Path, **train) -> Path:
@@ -59,7 +55,7 @@ def _losses(metrics: Path) -> dict[int, dict[str, float]]:
 def _train(tmp: Path, config: Path, stage: int, ranks: int, micro: int, accum: int, *args: str) -> None:
     assert ranks * micro * accum == GLOBAL_BATCH
     ds = write_ds_config(tmp / "ds.json", stage, micro=micro, accum=accum)
-    result = launch(ranks, "--deepspeed_config", str(ds), "--config", str(config), *args)
+    result = launch_pretrain(ranks, "--deepspeed_config", str(ds), "--config", str(config), *args)
     assert finished(result, ranks), result.stdout[-3000:] + result.stderr[-3000:]
 
 
@@ -80,7 +76,7 @@ def _assert_same_weights(reference: dict, weights: dict, label: str) -> None:
     assert diff <= RTOL * norm, f"{label}: weights differ by {diff} (norm {norm})"
 
 
-def test_every_shape_of_the_global_batch_trains_the_same(data, tmp_path):
+def test_every_shape_of_the_global_batch_trains_the_same(training_data, tmp_path):
     """1 x 16, 2 x 8, 4 x 4, 1 x 4 x 4 and 2 x 4 x 2 (ranks x micro x accumulation): each step's loss, every
     logged loss term of each batch kind and the final fp32 weights agree to 1e-5 relative over 9 steps, 3 of
     each kind (image-text under accumulation through the contrastive cache)."""
@@ -88,7 +84,7 @@ def test_every_shape_of_the_global_batch_trains_the_same(data, tmp_path):
     for shape in SHAPES:
         tmp = tmp_path / "x".join(map(str, shape))
         tmp.mkdir()
-        _train(tmp, _config(data, tmp, steps=9), 1, *shape, "--save", str(tmp / "ck"))
+        _train(tmp, _config(training_data, tmp, steps=9), 1, *shape, "--save", str(tmp / "ck"))
         losses = _losses(tmp / "metrics.jsonl")
         kinds = {name.split("/")[1] for terms in losses.values() for name in terms if name.count("/") == 2}
         assert len(losses) == 9 and kinds == set(KINDS), losses
@@ -101,14 +97,15 @@ def test_every_shape_of_the_global_batch_trains_the_same(data, tmp_path):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_a_checkpoint_resumes_on_another_number_of_ranks(data, tmp_path, stage):
+def test_a_checkpoint_resumes_on_another_number_of_ranks(training_data, tmp_path, stage):
     """2 ranks x micro 8 stopped at step 5 resume on 1 rank (micro 8 x accumulation 2) and on 4 ranks (micro 4):
     steps 6-10 give the uninterrupted run's losses and its step-10 fp32 weights to 1e-5 relative (ZeRO partitions
     through the universal checkpoint), and a shape whose global batch differs is refused with one line before
     anything is built."""
     reference = tmp_path / "2x8"
     reference.mkdir()
-    _train(reference, _config(data, reference, steps=10, save_interval=5), stage, 2, 8, 1, "--save", str(reference))
+    config = _config(training_data, reference, steps=10, save_interval=5)
+    _train(reference, config, stage, 2, 8, 1, "--save", str(reference))
     expected = {s: terms for s, terms in _losses(reference / "metrics.jsonl").items() if s > 5}
     stopped = tmp_path / "stopped_at_5"
     shutil.copytree(reference / tag_for(5), stopped / tag_for(5))
@@ -119,7 +116,7 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks(data, tmp_path, stage):
         tmp = tmp_path / f"{ranks}x{micro}x{accum}"
         tmp.mkdir()
         args = ("--load", str(stopped), "--save", str(tmp / "ck"))
-        _train(tmp, _config(data, tmp, steps=10), stage, ranks, micro, accum, *args)
+        _train(tmp, _config(training_data, tmp, steps=10), stage, ranks, micro, accum, *args)
         label = f"ZeRO-{stage} resumed as {ranks}x{micro}x{accum}"
         _assert_same_losses(expected, _losses(tmp / "metrics.jsonl"), label)
         _assert_same_weights(final, get_fp32_state_dict_from_zero_checkpoint(str(tmp / "ck")), label)
@@ -131,7 +128,7 @@ def test_a_checkpoint_resumes_on_another_number_of_ranks(data, tmp_path, stage):
     ds = write_ds_config(tmp / "ds.json", stage, micro=4)  # one process: global batch 4, not 16
     cmd = [sys.executable, str(ROOT / "flava_ds" / "pretrain.py"), "--deepspeed_config", str(ds)]
     result = subprocess.run(
-        [*cmd, "--config", str(_config(data, tmp, steps=10)), "--load", str(stopped)],
+        [*cmd, "--config", str(_config(training_data, tmp, steps=10)), "--load", str(stopped)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -20,9 +20,9 @@ from flava_ds.data.text_dataset import IndexedDataset, TextCollator, TextDataset
 from flava_ds.data.tokenizer import Tokenizer
 from preprocess.sharded_run import EXIT_TOO_MANY_SKIPS
 from preprocess.text import main as preprocess_text
-from tests.text_fixtures import train_tokenizers, write_corpus
+from tests.launch import ROOT
+from tests.text_fixtures import HOSTILE_JSONL, HOSTILE_SKIPS, run_text_preprocess, train_tokenizers, write_corpus
 
-REPO = Path(__file__).resolve().parents[1]
 PLAIN_TEXT = "first doc line one\nline two\n\n\n   \nsecond doc\n\nthird doc\n"
 PLAIN_DOCS = ["first doc line one\nline two", "second doc", "third doc"]
 
@@ -38,11 +38,6 @@ def corpus(tmp_path_factory):
     return {"dir": directory, "tokenizers": tokenizers, "inputs": [jsonl, plain], "docs": docs + PLAIN_DOCS}
 
 
-def run(inputs, output, tokenizer, *extra: str) -> int:
-    args = ["--input", *map(str, inputs), "--output", str(output), "--tokenizer", str(tokenizer), "--no-progress"]
-    return preprocess_text([*args, *extra])
-
-
 def read_sequences(prefix: Path) -> list[list[int]]:
     ds = IndexedDataset(str(prefix))
     assert list(ds.document_indices) == list(range(len(ds) + 1)), "one document per sequence"
@@ -52,7 +47,7 @@ def read_sequences(prefix: Path) -> list[list[int]]:
 @pytest.mark.parametrize("kind", ["tokenizer.json", "sentencepiece"])
 def test_megatron_reads_the_documents_and_tokens(corpus, tmp_path, kind):
     tokenizer = corpus["tokenizers"][kind]
-    assert run(corpus["inputs"], tmp_path, tokenizer, "--workers", "2", "--shard-size", "64") == 0
+    assert run_text_preprocess(corpus["inputs"], tmp_path, tokenizer, "--workers", "2", "--shard-size", "64") == 0
     expected = Tokenizer.from_file(tokenizer).encode_raw(corpus["docs"])
     assert read_sequences(tmp_path / "text") == expected
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -65,27 +60,15 @@ def test_workers_do_not_change_the_output(corpus, tmp_path):
     tokenizer = corpus["tokenizers"]["tokenizer.json"]
     outputs = {}
     for workers in ("0", "1", "2"):
-        assert run(corpus["inputs"], tmp_path / workers, tokenizer, "--workers", workers, "--shard-size", "50") == 0
-        outputs[workers] = [(tmp_path / workers / f"text{s}").read_bytes() for s in (".bin", ".idx")]
+        out = tmp_path / workers
+        assert run_text_preprocess(corpus["inputs"], out, tokenizer, "--workers", workers, "--shard-size", "50") == 0
+        outputs[workers] = [(out / f"text{s}").read_bytes() for s in (".bin", ".idx")]
     assert outputs["0"] == outputs["1"] == outputs["2"]
 
 
 def write_hostile(directory: Path) -> list[Path]:
-    lines = [
-        b'{"text": "good dog"}',
-        b'{"text": ""}',
-        b'{"text": "   \\n "}',
-        b'{"body": "no text field"}',
-        b'{"text": 42}',
-        b"not json at all",
-        b'{"text": "bad byte \xff here"}',
-        b'{"text": "lone surrogate \\ud800"}',
-        b'{"text": "\\u0000\\u0001"}',  # only control characters: no tokens
-        b"",  # blank lines are not records
-        b'{"text": "walking cat"}',
-    ]
     jsonl = directory / "hostile.jsonl"
-    jsonl.write_bytes(b"\n".join(lines) + b"\n")
+    jsonl.write_bytes(HOSTILE_JSONL)
     plain = directory / "hostile.txt"
     plain.write_bytes(b"ok doc\n\nbroken \xfe\xff doc\nsecond line\n\n\n\nlast doc\n")
     return [jsonl, plain]
@@ -94,24 +77,17 @@ def write_hostile(directory: Path) -> list[Path]:
 def test_hostile_input_is_counted_exactly(corpus, tmp_path, capsys):
     inputs = write_hostile(tmp_path)
     tokenizer = corpus["tokenizers"]["tokenizer.json"]
-    assert run(inputs, tmp_path / "out", tokenizer, "--max-skip-fraction", "0.9") == 0
+    assert run_text_preprocess(inputs, tmp_path / "out", tokenizer, "--max-skip-fraction", "0.9") == 0
     assert "skipped (not_utf8) hostile.jsonl:8" in capsys.readouterr().err
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert "hostile.jsonl:8" in manifest["skip_examples"]["not_utf8"]
     assert manifest["inputs_seen"] == 13
     assert manifest["samples_written"] == 4
-    assert manifest["skipped"] == {
-        "bad_record": 1,
-        "empty_text": 2,
-        "missing_field": 1,
-        "no_tokens": 1,
-        "not_a_string": 1,
-        "not_utf8": 3,
-    }
+    assert manifest["skipped"] == {**HOSTILE_SKIPS, "not_utf8": 3}  # and the plain file's undecodable document
     assert read_sequences(tmp_path / "out" / "text") == Tokenizer.from_file(tokenizer).encode_raw(
         ["good dog", "walking cat", "ok doc", "last doc"]
     )
-    code = run(inputs, tmp_path / "strict", tokenizer, "--max-skip-fraction", "0.5")
+    code = run_text_preprocess(inputs, tmp_path / "strict", tokenizer, "--max-skip-fraction", "0.5")
     assert code == EXIT_TOO_MANY_SKIPS
     assert not json.loads((tmp_path / "strict" / "manifest.json").read_text())["skip_check"]["passed"]
     assert not (tmp_path / "strict" / "text.idx").exists(), "a failed run is not merged"
@@ -121,12 +97,12 @@ def test_sigkill_then_rerun_gives_identical_output(corpus, tmp_path):
     big = tmp_path / "big.jsonl"
     write_corpus(big, 15_000, seed=9)
     tokenizer = corpus["tokenizers"]["tokenizer.json"]
-    assert run([big], tmp_path / "clean", tokenizer, "--workers", "0", "--shard-size", "500") == 0
+    assert run_text_preprocess([big], tmp_path / "clean", tokenizer, "--workers", "0", "--shard-size", "500") == 0
 
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "preprocess.text", "--input", str(big), "--output", str(out)]
     cmd += ["--tokenizer", str(tokenizer), "--workers", "1", "--shard-size", "500", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, stderr=subprocess.DEVNULL)
     manifest = out / "manifest.json"
     deadline = time.time() + 60
     while not (manifest.exists() and json.loads(manifest.read_text())["shards"]):
@@ -138,7 +114,7 @@ def test_sigkill_then_rerun_gives_identical_output(corpus, tmp_path):
     assert not at_kill["complete"] and 0 < len(at_kill["shards"]) < 30
     assert not (out / "text.bin").exists()
 
-    assert run([big], out, tokenizer, "--workers", "2", "--shard-size", "500") == 0
+    assert run_text_preprocess([big], out, tokenizer, "--workers", "2", "--shard-size", "500") == 0
     for suffix in (".bin", ".idx"):
         assert (out / f"text{suffix}").read_bytes() == (tmp_path / "clean" / f"text{suffix}").read_bytes()
     finished = json.loads(manifest.read_text())
@@ -151,7 +127,7 @@ def test_nodes_write_disjoint_parts_that_together_hold_every_document(corpus, tm
     tokenizer = Tokenizer.from_file(corpus["tokenizers"]["tokenizer.json"])
     for node in ("0", "1"):
         args = ["--num-shards", "2", "--shard-index", node, "--shard-size", "40"]
-        assert run(corpus["inputs"], tmp_path, tokenizer.path, *args) == 0
+        assert run_text_preprocess(corpus["inputs"], tmp_path, tokenizer.path, *args) == 0
     assert sorted(p.name for p in tmp_path.glob("text*.idx")) == ["text-node000-of-002.idx", "text-node001-of-002.idx"]
     ds = TextDataset(tmp_path, tokenizer, max_length=512)
     assert len(ds.prefixes) == 2
@@ -177,16 +153,16 @@ def test_bad_flags_are_usage_errors(corpus, tmp_path, capsys, change, message):
 
 def test_changed_settings_refuse_to_resume(corpus, tmp_path):
     tokenizers = corpus["tokenizers"]
-    assert run(corpus["inputs"], tmp_path, tokenizers["tokenizer.json"]) == 0
+    assert run_text_preprocess(corpus["inputs"], tmp_path, tokenizers["tokenizer.json"]) == 0
     with pytest.raises(SystemExit, match="different settings"):
-        run(corpus["inputs"], tmp_path, tokenizers["sentencepiece"])
+        run_text_preprocess(corpus["inputs"], tmp_path, tokenizers["sentencepiece"])
 
 
 @pytest.fixture(scope="module")
 def text_data(corpus, tmp_path_factory):
     output = tmp_path_factory.mktemp("dataset")
     tokenizer = Tokenizer.from_file(corpus["tokenizers"]["tokenizer.json"])
-    assert run(corpus["inputs"], output, tokenizer.path, "--workers", "0") == 0
+    assert run_text_preprocess(corpus["inputs"], output, tokenizer.path, "--workers", "0") == 0
     return output, tokenizer, tokenizer.encode_raw(corpus["docs"])
 
 

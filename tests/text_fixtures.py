@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # first in the vocabularies the fixtures train: [PAD] = 0
 SYLLABLES = ("un be liev able hap pi ness to ken iza tion re mark cat dog run ning "
              "walk ed ship yard light house").split()  # fmt: skip
+
+
+def write_jsonl(path: Path, records: Iterable[dict], opener: Callable[..., IO[str]] = open) -> Path:
+    """One JSON object a line; `opener` (gzip.open, zstandard.open, ...) for a compressed file."""
+    with opener(path, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return path
 
 
 def make_words(rng: np.random.Generator, count: int) -> list[str]:
@@ -20,8 +30,33 @@ def write_corpus(path: Path, num_docs: int, seed: int = 0, words_per_doc: tuple[
     rng = np.random.default_rng(seed)
     vocab = make_words(rng, 300)
     docs = [" ".join(rng.choice(vocab, size=rng.integers(*words_per_doc))) for _ in range(num_docs)]
-    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    write_jsonl(path, ({"text": d} for d in docs))
     return docs
+
+
+HOSTILE_JSONL_LINES = [  # two good records, and lines with one problem each (the skip reason preprocess.text gives)
+    b'{"text": "good dog", "url": "a"}',  # other fields are ignored
+    b'{"text": ""}',  # empty_text
+    b'{"text": "   \\n "}',  # empty_text
+    b'{"body": "no text field"}',  # missing_field
+    b'{"text": 42}',  # not_a_string
+    b"not json at all",  # bad_record
+    b'{"text": "bad byte \xff here"}',  # not_utf8
+    b'{"text": "lone surrogate \\ud800"}',  # not_utf8
+    b'{"text": "\\u0000\\u0001"}',  # only control characters: no_tokens
+    b"",  # blank lines are not records
+    b'{"text": "walking cat"}',
+]
+HOSTILE_JSONL = b"\n".join(HOSTILE_JSONL_LINES) + b"\n"
+HOSTILE_SKIPS = {"bad_record": 1, "empty_text": 2, "missing_field": 1, "no_tokens": 1, "not_a_string": 1, "not_utf8": 2}
+
+
+def run_text_preprocess(inputs: Iterable[Path], output: Path, tokenizer: Path, *extra: str) -> int:
+    """preprocess.text's exit code for `inputs` (no progress bar)."""
+    from preprocess.text import main
+
+    args = ["--input", *map(str, inputs), "--output", str(output), "--tokenizer", str(tokenizer), "--no-progress"]
+    return main([*args, *extra])
 
 
 def train_byte_level_bpe(docs: list[str], path: Path) -> Path:
@@ -32,10 +67,9 @@ def train_byte_level_bpe(docs: list[str], path: Path) -> Path:
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     tok.train_from_iterator(
-        docs, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=alphabet)
+        docs, trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, initial_alphabet=alphabet)
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))

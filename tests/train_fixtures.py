@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
-from tests.data_fixtures import CODEBOOK, caption, make_tokenizer, random_image, write_jsonl
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.data_fixtures import CODEBOOK, caption, make_tokenizer, pairs_args, random_image
+from tests.launch import ROOT
+from tests.text_fixtures import run_text_preprocess, write_jsonl
 
 
 def make_training_data(root: Path, num_pairs: int = 48, num_docs: int = 40) -> dict[str, Path]:
     """Image-text, image-only (2 classes) and text shards + a held-out split, in `root`."""
-    from preprocess import images, pairs, text
+    from preprocess import images, pairs
 
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(root)
@@ -31,63 +30,19 @@ def make_training_data(root: Path, num_pairs: int = 48, num_docs: int = 40) -> d
         records.append({"image": name, "caption": caption(rng, int(rng.integers(4, 10)))})
     write_jsonl(root / "train.jsonl", records[: num_pairs * 3 // 4])
     write_jsonl(root / "heldout.jsonl", records[num_pairs * 3 // 4 :])
-    common = [
-        "--tokenizer",
-        str(tokenizer),
-        "--codebook",
-        CODEBOOK,
-        "--image-size",
-        "80",
-        "--workers",
-        "0",
-        "--no-progress",
-    ]
     for split in ("train", "heldout"):
-        assert (
-            pairs.main(
-                [
-                    "--input",
-                    str(root / f"{split}.jsonl"),
-                    "--image-root",
-                    str(root),
-                    "--output",
-                    str(root / f"pairs_{split}"),
-                    "--shard-size",
-                    "16",
-                    *common,
-                ]
-            )
-            == 0
-        )
+        args = pairs_args(root, root / f"pairs_{split}", inputs=(f"{split}.jsonl",), shard_size=16)
+        assert pairs.main(args) == 0
     for label in ("red", "blue"):
         (root / "classes" / label).mkdir(parents=True, exist_ok=True)
         for i in range(8):
             random_image(rng, 90, 90).save(root / "classes" / label / f"{i}.jpg")
-    image_args = [a for a in common if a not in ("--tokenizer", str(tokenizer))]
-    assert (
-        images.main(
-            ["--input", str(root / "classes"), "--output", str(root / "images"), "--shard-size", "8", *image_args]
-        )
-        == 0
-    )
+    image_args = ["--input", str(root / "classes"), "--output", str(root / "images"), "--shard-size", "8"]
+    image_args += ["--codebook", CODEBOOK, "--image-size", "80", "--workers", "0", "--no-progress"]
+    assert images.main(image_args) == 0
     docs = [{"text": " ".join(caption(rng, int(rng.integers(5, 30))) for _ in range(2))} for _ in range(num_docs)]
     write_jsonl(root / "docs.jsonl", docs)
-    assert (
-        text.main(
-            [
-                "--input",
-                str(root / "docs.jsonl"),
-                "--tokenizer",
-                str(tokenizer),
-                "--output",
-                str(root / "text"),
-                "--workers",
-                "1",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert run_text_preprocess([root / "docs.jsonl"], root / "text", tokenizer, "--workers", "1") == 0
     return {
         "tokenizer": tokenizer,
         "pairs": root / "pairs_train",
@@ -98,6 +53,7 @@ def make_training_data(root: Path, num_pairs: int = 48, num_docs: int = 40) -> d
 
 
 def write_run_config(path: Path, shards: dict[str, Path], **sections) -> Path:
+    """A run YAML for the tiny preset on `shards`; each keyword updates that section."""
     config = {
         "model": {"preset": "tiny"},
         "data": {
@@ -120,6 +76,7 @@ def write_run_config(path: Path, shards: dict[str, Path], **sections) -> Path:
 
 
 def write_ds_config(path: Path, stage: int, micro: int = 2, accum: int = 1, precision: str = "fp32") -> Path:
+    """ds_configs/zero<stage>.json with this micro batch, accumulation and precision (fp32 or bf16)."""
     config = json.loads((ROOT / "ds_configs" / f"zero{stage}.json").read_text())
     config.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accum)
     config.pop("bf16", None)
@@ -129,34 +86,31 @@ def write_ds_config(path: Path, stage: int, micro: int = 2, accum: int = 1, prec
     return path
 
 
-def launcher_command(nproc: int, *args: str, port: int | None = None, env: dict | None = None):
-    """(argv, environment) of `deepspeed --num_gpus N flava_ds/pretrain.py ...` on CPU ranks (gloo)."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-           "--master_port", str(port or _free_port()), str(ROOT / "flava_ds" / "pretrain.py"), *args]  # fmt: skip
-    return cmd, {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-
-
-def launch(nproc: int, *args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run pretrain.py under the DeepSpeed launcher to completion."""
-    cmd, full_env = launcher_command(nproc, *args, env=env)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=ROOT)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def step_losses(metrics_file: Path) -> dict[int, float]:
+    """Step -> loss of a metrics file."""
     out = {}
     for line in metrics_file.read_text().splitlines():
         record = json.loads(line)
         if "loss" in record:
             out[record["step"]] = record["loss"]
     return out
+
+
+def pretrain_refusal(argv: list[str]) -> str:
+    """The message pretrain.main(argv) exits with in-process; fails if it built a model first."""
+    from flava_ds import pretrain
+    from flava_ds.model import FlavaForPreTraining
+
+    built = []
+    original = FlavaForPreTraining.__init__
+    FlavaForPreTraining.__init__ = lambda self, *a, **k: built.append(1) or original(self, *a, **k)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            pretrain.main(argv)
+    finally:
+        FlavaForPreTraining.__init__ = original
+    assert not built, "the model was built before the config was refused"
+    return str(exit_info.value.code)
 
 
 KNOWN_EXIT_ABORT = "terminate called without an active exception"  # DeepSpeed on CPU, after training finished
