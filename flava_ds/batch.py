@@ -2,17 +2,19 @@
 
 One typed object from the collator to the loss: the model inputs (the `transformers.FlavaForPreTraining.forward`
 keyword arguments, shapes in `Batch`), bookkeeping beside them (`bad_samples`), and the batch kind, which follows
-from the inputs in one place (`Batch.kind`). It imports nothing of the project, so `data` builds it and `model`
-reads it without either importing the other (docs/DESIGN.md §5). A batch also reads like a mapping of its model
-inputs (`batch["input_ids"]`, `model(**batch)`), as `transformers` callers expect.
+from the inputs in one place (`Batch.kind`). It imports nothing of the project (nor torch at run time), so `data`
+builds it and `model` reads it without either importing the other (docs/DESIGN.md §5). A batch also reads like a
+mapping of its model inputs (`batch["input_ids"]`, `model(**batch)`), as `transformers` callers expect.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: the run config reads KINDS without importing torch
+    import torch
 
 KINDS = ("image_text", "image", "text")  # also the names of the training data streams
 MODEL_INPUTS = (

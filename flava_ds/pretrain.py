@@ -7,7 +7,7 @@
 
 The same under `torchrun --nproc_per_node N flava_ds/pretrain.py ...` (and SLURM via srun + torchrun).
 Any run-config key can be overridden as `--section.key value` (YAML syntax for the value), e.g.
-`--train.log_interval 5 --data.task_ratios '{image_text: 1, text: 0.5}' --deepspeed.bf16.enabled false`.
+`--train.log_interval 5 --data.kind_ratios '{image_text: 1, text: 0.5}' --deepspeed.bf16.enabled false`.
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ def test_short_demo_learns(tmp_path):
         "DEMO_DIR": str(tmp_path / "demo"),
         "DEMO_LIMIT": "600",
         "DEMO_STEPS": "200",
-        "DEMO_OVERRIDES": '--data.task_ratios={"image_text":1} --train.eval_interval=100 --eval.max_samples=256',
+        "DEMO_OVERRIDES": '--data.kind_ratios={"image_text":1} --train.eval_interval=100 --eval.max_samples=256',
         "PYTHON": sys.executable,
     }
     result = subprocess.run(

@@ -151,7 +151,7 @@ def test_sentencepiece_training_run_exports_a_self_contained_transformers_dir(tm
     config = write_run_config(
         tmp_path / "run.yaml",
         data,
-        data={"image_text": {"paths": []}, "image": {"paths": []}, "task_ratios": {"text": 1.0}},
+        data={"image_text": {"paths": []}, "image": {"paths": []}, "kind_ratios": {"text": 1.0}},
         train={"steps": 2, "log_interval": 1},
     )
     ds = write_ds_config(tmp_path / "ds.json", 0)

@@ -23,7 +23,7 @@ def _streams(data: dict[str, Path], **overrides):
         tokenizer=str(data["tokenizer"]),
         image_text=StreamConfig([str(data["pairs"])]),
         text=StreamConfig([str(data["text"])]),
-        task_ratios={"image_text": 1.0, "text": 1.0},
+        kind_ratios={"image_text": 1.0, "text": 1.0},
         num_workers=0,
         text_max_length=32,
         **overrides,
@@ -110,7 +110,7 @@ def test_undecodable_sample_is_replaced_deterministically_and_counted(training_d
     assert replaced["bad_samples"] == 1 and "bad_samples" not in following
     assert replaced["key"] == SampleKey(4, 2) and torch.equal(replaced["pixel_values"], following["pixel_values"])
     batch = stream.collate([replaced, following])
-    assert int(batch["bad_samples"]) == 1
+    assert batch.bad_samples == 1
 
 
 def test_bad_samples_are_logged_and_stop_the_run_over_the_threshold(training_data, zero2_config, tmp_path):
@@ -123,7 +123,7 @@ def test_bad_samples_are_logged_and_stop_the_run_over_the_threshold(training_dat
     config = write_run_config(
         tmp_path / "run.yaml",
         {**training_data, "pairs": tmp_path / "pairs"},
-        data={"task_ratios": {"image_text": 1.0}, "max_bad_sample_fraction": 0.02},
+        data={"kind_ratios": {"image_text": 1.0}, "max_bad_sample_fraction": 0.02},
         train={"steps": 40, "log_interval": 1},
         logging={"tensorboard_dir": str(tb)},
     )

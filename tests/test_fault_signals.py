@@ -246,7 +246,7 @@ def test_every_sample_once_per_epoch_across_four_ranks_despite_a_kill(training_d
     config = write_run_config(
         tmp_path / "run.yaml",
         training_data,
-        data={"task_ratios": {"text": 1.0}},
+        data={"kind_ratios": {"text": 1.0}},
         train={"steps": steps, "log_interval": 100, "save_interval": 50},
         checkpoint={"save": str(ckpt), "load": str(ckpt), "keep_last": 2},
     )
@@ -271,7 +271,7 @@ def test_every_sample_once_per_epoch_across_four_ranks_despite_a_kill(training_d
             for line in (log_dir / f"rank{rank}.jsonl").read_text().splitlines():
                 record = json.loads(line)
                 if first <= record["step"] <= last:
-                    assert (record["step"], rank) not in keys and record["task"] == "text"
+                    assert (record["step"], rank) not in keys and record["kind"] == "text"
                     [(index, epoch, _)] = record["keys"]
                     keys[record["step"], rank] = (index, epoch)
     assert sorted(keys) == [(s, r) for s in range(1, steps + 1) for r in range(ranks)]

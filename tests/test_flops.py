@@ -22,7 +22,7 @@ def _runs() -> list[tuple[str, str]]:
     """(config, batch kind) for each kind a config trains."""
     runs = []
     for name in ("flava_full", "flava_c", "flava_mm"):
-        ratios = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["data"]["task_ratios"]
+        ratios = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())["data"]["kind_ratios"]
         runs += [(name, kind) for kind, ratio in ratios.items() if ratio > 0]
     return runs
 

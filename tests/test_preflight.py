@@ -66,7 +66,7 @@ def test_captions_longer_than_the_text_positions_are_refused_through_pretrain(da
     """(a) End to end: pretrain.py exits non-zero with one line naming the manifest and args.max_length, before
     DeepSpeed is imported (no traceback, no DeepSpeed log line)."""
     config = write_run_config(
-        tmp_path / "run.yaml", {**data, "pairs": long_captions}, data={"task_ratios": {"image_text": 1.0}}
+        tmp_path / "run.yaml", {**data, "pairs": long_captions}, data={"kind_ratios": {"image_text": 1.0}}
     )
     command = [sys.executable, "flava_ds/pretrain.py", "--deepspeed_config", "ds_configs/zero0.json"]
     result = subprocess.run([*command, "--config", str(config)], capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -109,7 +109,7 @@ def test_shards_made_with_another_tokenizer_are_refused(data, tmp_path, task):
     directory = data["pairs"] if task == "image_text" else data["text"]
     fingerprint = Tokenizer.from_file(other).fingerprint
     with pytest.raises(ConfigError, match=rf"^{_manifest(directory)}: fingerprints\.tokenizer=\w+ .*is {fingerprint}"):
-        _check(tmp_path, data, data={"tokenizer": str(other), "task_ratios": {task: 1.0}})
+        _check(tmp_path, data, data={"tokenizer": str(other), "kind_ratios": {task: 1.0}})
 
 
 @pytest.mark.parametrize("task", ["image_text", "image"])
@@ -118,7 +118,7 @@ def test_a_codebook_of_another_size_is_refused(data, tmp_path, task):
     directory = data["pairs"] if task == "image_text" else data["images"]
     model = {"preset": "tiny", "overrides": {"image": {"codebook_vocab_size": 128}}}
     with pytest.raises(ConfigError, match=rf"^{_manifest(directory)}: args\.codebook={CODEBOOK} has 64 codes.*=128"):
-        _check(tmp_path, data, model=model, data={"task_ratios": {task: 1.0}})
+        _check(tmp_path, data, model=model, data={"kind_ratios": {task: 1.0}})
 
 
 def test_stored_images_smaller_than_the_crop_are_refused(data, tmp_path):
@@ -143,7 +143,7 @@ def test_older_manifests_skip_the_fields_they_do_not_record(data, long_captions,
     manifest["fingerprints"].pop("tokenizer")
     _manifest(old).write_text(json.dumps(manifest))
     model = {"preset": "tiny", "overrides": {"image": {"codebook_vocab_size": 128}}}
-    _check(tmp_path, {**data, "pairs": old}, model=model, data={"task_ratios": {"image_text": 1.0}})
+    _check(tmp_path, {**data, "pairs": old}, model=model, data={"kind_ratios": {"image_text": 1.0}})
 
 
 def _rewrite_column(shard: Path, name: str, rebuild) -> None:

@@ -34,7 +34,7 @@ def _config(data, tmp: Path, **train) -> Path:
     return write_run_config(
         tmp / "run.yaml",
         data,
-        data={"task_ratios": {kind: 1.0 for kind in KINDS}, "seed": SEED},
+        data={"kind_ratios": {kind: 1.0 for kind in KINDS}, "seed": SEED},
         logging={"metrics_file": str(tmp / "metrics.jsonl")},
         train=train,
     )

@@ -219,7 +219,7 @@ def test_dataloader_with_workers_matches_direct_collation(text_data):
     for batch, keys in zip(loader, sampler):
         direct = collate([ds[k] for k in keys])
         assert all(torch.equal(batch[name], direct[name]) for name in batch)
-        if keys[0].index == sampler.global_batch(8)[0].index:
+        if keys[0].index == sampler.micro_batch(8)[0].index:
             break
 
 

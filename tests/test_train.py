@@ -80,7 +80,7 @@ def test_every_micro_step_of_an_optimizer_step_trains_the_same_batch_kind(traini
     for rank in (0, 1):
         records = [json.loads(line) for line in (logs / f"rank{rank}.jsonl").read_text().splitlines()]
         assert [(r["step"], r["micro"]) for r in records] == [(s, m) for s in range(1, 7) for m in (0, 1)]
-        assert [r["task"] for r in records] == [task for task in expected for _ in (0, 1)]
+        assert [r["kind"] for r in records] == [kind for kind in expected for _ in (0, 1)]
 
 
 def test_exact_resume_and_tensorboard(training_data, tmp_path):
@@ -179,8 +179,8 @@ def test_bad_configs_fail_before_the_model_is_built(training_data, tmp_path, mon
     assert "config.train: unknown key(s) ['stepz']" in message
     message = _main(tmp_path, training_data, data={"image": {"paths": [str(tmp_path / "nope")]}})
     assert f"data.image.paths: {tmp_path / 'nope'} does not exist" in message
-    message = _main(tmp_path, training_data, data={"text": {"paths": []}, "task_ratios": {"text": 1.0}})
-    assert "data.task_ratios.text=1.0 but data.text.paths is empty" in message
+    message = _main(tmp_path, training_data, data={"text": {"paths": []}, "kind_ratios": {"text": 1.0}})
+    assert "data.kind_ratios.text=1.0 but data.text.paths is empty" in message
     message = _main(tmp_path, training_data, logging={"wandb": {"project": "p", "mode": "ofline"}})
     assert "logging.wandb.mode='ofline'" in message
 
@@ -190,9 +190,9 @@ def test_run_config_overrides(tmp_path, training_data):
 
     path = write_run_config(tmp_path / "run.yaml", training_data)
     config = RunConfig.load(
-        path, [("train.log_interval", "7"), ("data.task_ratios", "{image: 1}"), ("deepspeed.bf16.enabled", "false")]
+        path, [("train.log_interval", "7"), ("data.kind_ratios", "{image: 1}"), ("deepspeed.bf16.enabled", "false")]
     )
-    assert config.train.log_interval == 7 and config.data.task_ratios == {"image": 1}
+    assert config.train.log_interval == 7 and config.data.kind_ratios == {"image": 1}
     assert config.deepspeed == {"bf16": {"enabled": False}}
     assert yaml.safe_load(path.read_text())["model"]["preset"] == "tiny"
 
@@ -233,6 +233,6 @@ def test_shipped_run_configs_parse_and_build(name):
     from flava_ds.train.config import RunConfig
 
     config = RunConfig.load(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml")
-    assert any(r > 0 for r in config.data.task_ratios.values())
+    assert any(r > 0 for r in config.data.kind_ratios.values())
     with torch.device("meta"):
         FlavaForPreTraining(FlavaConfig.preset(config.model.preset, **config.model.overrides))

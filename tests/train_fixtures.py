@@ -61,7 +61,7 @@ def write_run_config(path: Path, shards: dict[str, Path], **sections) -> Path:
             "image_text": {"paths": [str(shards["pairs"])]},
             "image": {"paths": [str(shards["images"])]},
             "text": {"paths": [str(shards["text"])]},
-            "task_ratios": {"image_text": 2.0, "image": 1.0, "text": 1.0},
+            "kind_ratios": {"image_text": 2.0, "image": 1.0, "text": 1.0},
             "num_workers": 0,
             "text_max_length": 32,
         },

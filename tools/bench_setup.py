@@ -149,7 +149,7 @@ def make_streams(
         image_text=StreamConfig(paths=[str(shards["image_text"])]),
         image=StreamConfig(paths=[str(shards["image"])]),
         text=StreamConfig(paths=[str(shards["text"])]),
-        task_ratios=ratios,
+        kind_ratios=ratios,
         text_max_length=text_max_length,
         num_workers=workers,
     )

@@ -246,11 +246,6 @@ class ResumableDistributedSampler:
         epoch, offset = divmod(first, self.samples_per_epoch)
         return [SampleKey(i, epoch) for i in self._order(epoch)[offset : offset + count].tolist()]
 
-    def global_batch(self, consumed: int) -> list[SampleKey]:
-        """All G keys of the global batch that starts at stream position `consumed`."""
-        self._check_consumed(consumed, self.global_batch_size)
-        return self._keys(consumed, self.global_batch_size)
-
     def micro_batch(self, consumed: int) -> list[SampleKey]:
         """This rank's share of the micro-step starting at `consumed`."""
         self._check_consumed(consumed, self.micro_step_size)

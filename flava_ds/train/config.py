@@ -1,7 +1,7 @@
 """The run configuration: one YAML file of sections, dotted command-line overrides, validated up front.
 
     model:      preset, overrides, init checkpoints
-    data:       tokenizer, shard directories per stream with blend weights, task ratios, masking
+    data:       tokenizer, shard directories per stream with blend weights, kind ratios, masking
     optimizer:  AdamW settings and which parameters skip weight decay
     schedule:   linear warmup + cosine decay
     train:      steps, seeds, global batch, intervals, fault tolerance
@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from flava_ds.batch import KINDS
 from flava_ds.dataclass_config import ConfigError, bounded, build, coerce, merge_overrides
 
 if TYPE_CHECKING:
     from flava_ds.model.config import FlavaConfig
 
-STREAMS = ("image_text", "image", "text")
+STREAMS = KINDS  # one data stream per batch kind, named after it
 
 
 @dataclass
@@ -59,7 +60,7 @@ class DataSection:
     image_text: StreamConfig = field(default_factory=StreamConfig)
     image: StreamConfig = field(default_factory=StreamConfig)
     text: StreamConfig = field(default_factory=StreamConfig)
-    task_ratios: dict[str, float] = field(default_factory=lambda: {"image_text": 1.0})
+    kind_ratios: dict[str, float] = field(default_factory=lambda: {"image_text": 1.0})
     text_max_length: int = bounded(128, low=2)
     mlm_prob: float = bounded(0.15, 0.0, 1.0, open="both")
     itm_negative_prob: float = bounded(0.1, 0.0, 1.0, open="high")
@@ -71,15 +72,15 @@ class DataSection:
     max_bad_sample_fraction: float = bounded(0.001, 0.0, 1.0)
 
     def active_ratios(self) -> dict[str, float]:
-        """The tasks the run draws batches from (ratio > 0) with their ratios, once the ratios are checked: the one
-        place the run's validation, its data check and its loaders learn which streams it reads."""
-        ratios = self.task_ratios
+        """The batch kinds the run draws (ratio > 0) with their ratios, once the ratios are checked: the one place
+        the run's validation, its data check and its loaders learn which streams it reads."""
+        ratios = self.kind_ratios
         unknown = sorted(set(ratios) - set(STREAMS))
         if unknown:
-            raise ConfigError(f"data.task_ratios: unknown task(s) {unknown}; tasks are {list(STREAMS)}")
+            raise ConfigError(f"data.kind_ratios: unknown kind(s) {unknown}; kinds are {list(STREAMS)}")
         if not any(r > 0 for r in ratios.values()) or any(r < 0 for r in ratios.values()):
-            raise ConfigError(f"data.task_ratios must be non-negative with at least one positive: {ratios}")
-        return {task: ratio for task, ratio in ratios.items() if ratio > 0}
+            raise ConfigError(f"data.kind_ratios must be non-negative with at least one positive: {ratios}")
+        return {kind: ratio for kind, ratio in ratios.items() if ratio > 0}
 
 
 @dataclass
@@ -191,6 +192,7 @@ class RunConfig:
             except yaml.YAMLError as err:
                 raise ConfigError(f"--{dotted} {value!r}: not a YAML value ({' '.join(str(err).split())})") from err
             _set_dotted(raw, dotted, parsed)
+        _read_old_names(raw)
         return build(cls, raw, "config")
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,6 +207,15 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--{dotted}: {name!r} is not a section")
     node[leaf] = value
+
+
+def _read_old_names(raw: dict[str, Any]) -> None:
+    """Keys renamed since, still read: older run YAMLs and the run_config.json of older checkpoints."""
+    data = raw.get("data")
+    if isinstance(data, dict) and "task_ratios" in data:
+        if "kind_ratios" in data:
+            raise ConfigError("data: task_ratios (the old name of kind_ratios) and kind_ratios both given; keep one")
+        data["kind_ratios"] = data.pop("task_ratios")
 
 
 def load_deepspeed_config(path: str | Path, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -258,23 +269,23 @@ def validate(config: RunConfig, ds_config: dict[str, Any], world_size: int) -> t
     for template in config.eval.prompts:
         if "{}" not in template:
             raise ConfigError(f"eval.prompts: {template!r} has no '{{}}' where the class name goes")
-    for task, ratio in config.data.task_ratios.items():
-        stream: StreamConfig = getattr(config.data, task)
-        if task in active and not stream.paths:
-            raise ConfigError(f"data.task_ratios.{task}={ratio} but data.{task}.paths is empty: give it shard dirs")
+    for kind, ratio in config.data.kind_ratios.items():
+        stream: StreamConfig = getattr(config.data, kind)
+        if kind in active and not stream.paths:
+            raise ConfigError(f"data.kind_ratios.{kind}={ratio} but data.{kind}.paths is empty: give it shard dirs")
         if stream.weights is not None and len(stream.weights) != len(stream.paths):
-            raise ConfigError(f"data.{task}.weights has {len(stream.weights)} entries for {len(stream.paths)} paths")
+            raise ConfigError(f"data.{kind}.weights has {len(stream.weights)} entries for {len(stream.paths)} paths")
         if stream.weights is not None and not (all(w >= 0 for w in stream.weights) and sum(stream.weights) > 0):
-            raise ConfigError(f"data.{task}.weights must be non-negative with a positive sum: {stream.weights}")
+            raise ConfigError(f"data.{kind}.weights must be non-negative with a positive sum: {stream.weights}")
     if config.logging.wandb.project:
         if config.logging.wandb.mode not in ("online", "offline", "disabled"):
             raise ConfigError(f"logging.wandb.mode={config.logging.wandb.mode!r}: use online, offline or disabled")
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError("logging.wandb.project is set but wandb is not installed: pip install wandb")
-    for task in STREAMS:
-        for p in getattr(config.data, task).paths:
+    for kind in STREAMS:
+        for p in getattr(config.data, kind).paths:
             if not Path(p).exists():
-                raise ConfigError(f"data.{task}.paths: {p} does not exist; run the preprocess tools first")
+                raise ConfigError(f"data.{kind}.paths: {p} does not exist; run the preprocess tools first")
     needs_text = active.keys() & {"image_text", "text"} or config.eval.image_text
     if needs_text and not (config.data.tokenizer and Path(config.data.tokenizer).is_file()):
         raise ConfigError(f"data.tokenizer={config.data.tokenizer!r} is not a file; text streams need the tokenizer")

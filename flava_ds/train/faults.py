@@ -42,10 +42,10 @@ class Faults:
 FAULTS = Faults.from_env()
 
 
-def log_samples(rank: int, step: int, micro: int, task: str, keys: list) -> None:
+def log_samples(rank: int, step: int, micro: int, kind: str, keys: list) -> None:
     """Append one micro-batch's keys to this rank's sample log with a single write (whole lines survive a kill)."""
     FAULTS.sample_log.mkdir(parents=True, exist_ok=True)
-    line = json.dumps({"step": step, "micro": micro, "task": task, "keys": [list(k) for k in keys]}) + "\n"
+    line = json.dumps({"step": step, "micro": micro, "kind": kind, "keys": [list(k) for k in keys]}) + "\n"
     fd = os.open(FAULTS.sample_log / f"rank{rank}.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())

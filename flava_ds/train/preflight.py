@@ -1,6 +1,6 @@
 """Start-up check of the data against the model and the run config, before anything heavy is built.
 
-Every stream the run reads (data.image_text / data.image / data.text with a positive task ratio, and the
+Every stream the run reads (data.image_text / data.image / data.text with a positive kind ratio, and the
 eval.* shard paths) is compared through its manifests alone, so the check costs milliseconds however
 large the data: caption max length vs the text encoder's positions, tokenizer (fingerprint of
 data.tokenizer, computed like the preprocessors do; its vocabulary vs text.vocab_size), codebook size vs
@@ -54,10 +54,10 @@ def _sources(config: RunConfig) -> list[tuple[str, str, str]]:
     """(config key, kind, path) of every shard path the run reads."""
     active = config.data.active_ratios()
     sources = [
-        (f"data.{task}.paths", task, path)
-        for task in (CAPTIONS, IMAGES, TEXT)
-        if task in active
-        for path in getattr(config.data, task).paths
+        (f"data.{kind}.paths", kind, path)
+        for kind in (CAPTIONS, IMAGES, TEXT)
+        if kind in active
+        for path in getattr(config.data, kind).paths
     ]
     for key, kind in ((CAPTIONS, CAPTIONS), ("classification", CLASSIFICATION), ("text", TEXT)):
         sources += [(f"eval.{key}", kind, path) for path in getattr(config.eval, key)]
