@@ -63,10 +63,9 @@ def test_a_yaml_syntax_error_names_the_file(tmp_path):
         RunConfig.load(path)
 
 
-def test_the_old_name_of_the_kind_ratios_still_reads(tmp_path):
+def test_the_old_name_of_the_kind_ratios_still_reads():
     """Run YAMLs and checkpoints' run_config.json written before the rename keep loading."""
-    path = tmp_path / "run.yaml"
-    path.write_text("data:\n  task_ratios: {text: 1.0, image: 0.5}\n")
-    assert RunConfig.load(path).data.kind_ratios == {"text": 1.0, "image": 0.5}
+    old = ("data.task_ratios", "{text: 1.0, image: 0.5}")
+    assert RunConfig.load(None, [old]).data.kind_ratios == {"text": 1.0, "image": 0.5}
     with pytest.raises(ConfigError, match=r"task_ratios .* and kind_ratios both given"):
-        RunConfig.load(path, [("data.kind_ratios", "{text: 1.0}")])
+        RunConfig.load(None, [old, ("data.kind_ratios", "{text: 1.0}")])

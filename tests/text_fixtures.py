@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import IO
 
 import numpy as np
+
+from tools.make_demo_data import write_jsonl
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # first in the vocabularies the fixtures train: [PAD] = 0
 SYLLABLES = ("un be liev able hap pi ness to ken iza tion re mark cat dog run ning "
              "walk ed ship yard light house").split()  # fmt: skip
-
-
-def write_jsonl(path: Path, records: Iterable[dict], opener: Callable[..., IO[str]] = open) -> Path:
-    """One JSON object a line; `opener` (gzip.open, zstandard.open, ...) for a compressed file."""
-    with opener(path, "wt") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    return path
 
 
 def make_words(rng: np.random.Generator, count: int) -> list[str]:

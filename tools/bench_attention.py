@@ -172,6 +172,8 @@ def print_tables(rows: list[Row], speedups: list[dict[str, Any]]) -> None:
 
 def _model_batch(cfg: Any, batch: int, text_len: int) -> dict[str, torch.Tensor]:
     """A pretraining image-text batch with ragged captions (so the padding mask is exercised)."""
+    from flava_ds.shard_format import IGNORE_INDEX
+
     g = torch.Generator().manual_seed(0)
     patches = cfg.image.num_patches
     ids = torch.randint(5, cfg.text.vocab_size, (batch, text_len), generator=g)
@@ -184,7 +186,7 @@ def _model_batch(cfg: Any, batch: int, text_len: int) -> dict[str, torch.Tensor]
         "input_ids": ids,
         "input_ids_masked": ids.masked_fill(masked, 103),
         "attention_mask": attention_mask,
-        "mlm_labels": ids.masked_fill(~masked, -100),
+        "mlm_labels": ids.masked_fill(~masked, IGNORE_INDEX),
         "pixel_values": torch.randn(batch, 3, cfg.image.image_size, cfg.image.image_size, generator=g),
         "bool_masked_pos": torch.rand(batch, patches, generator=g) < 75 / 196,
         "mim_labels": torch.randint(0, cfg.image.codebook_vocab_size, (batch, patches), generator=g),

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from flava_ds.model.codebook import load_codebook
 from preprocess import pairs
 from preprocess.image_decoding import ImageSettings, load_square_image
 from preprocess.image_shards import CodebookEncoder
+from tools.bench_setup import train_tokenizer
 from tools.make_demo_data import write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,27 +141,6 @@ def time_loader(get, collate, size: int, samples: int, batch: int) -> float:
     for b in range(0, samples, batch):
         collate([get(k) for k in keys[b : b + batch]])
     return rate(samples, time.perf_counter() - start)
-
-
-def train_tokenizer(pairs_file: Path, output: Path) -> Path:
-    """A 400-token WordPiece vocabulary on the captions: enough for the converter and the collators."""
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "train_tokenizer.py"),
-            "--input",
-            str(pairs_file),
-            "--json-key",
-            "caption",
-            "--vocab-size",
-            "400",
-            "--output",
-            str(output),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return output
 
 
 def time_converter(inputs: list[str], output: Path, tokenizer: Path, codebook: str, args: argparse.Namespace) -> float:

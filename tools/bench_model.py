@@ -33,6 +33,7 @@ import transformers
 
 from flava_ds.model import FlavaConfig, FlavaForPreTraining
 from flava_ds.model.interop import config_to_hf
+from flava_ds.shard_format import IGNORE_INDEX
 
 
 def make_batch(cfg: FlavaConfig, kind: str, batch: int, seq_len: int, device: str) -> dict[str, torch.Tensor]:
@@ -52,7 +53,7 @@ def make_batch(cfg: FlavaConfig, kind: str, batch: int, seq_len: int, device: st
         "input_ids": ids,
         "input_ids_masked": ids.masked_fill(masked, 103),
         "attention_mask": torch.ones(batch, seq_len, dtype=torch.long),
-        "mlm_labels": ids.masked_fill(~masked, -100),
+        "mlm_labels": ids.masked_fill(~masked, IGNORE_INDEX),
     }
     itm = (torch.rand(batch, generator=g) > 0.1).long()
     chosen = {"image_text": {**image, **text, "itm_labels": itm}, "image": image, "text": text}[kind]

@@ -57,22 +57,7 @@ def make_shards(
     write_jsonl(root / "pairs.jsonl", records)
     documents = [{"text": " ".join(rng.choice(WORDS, int(rng.integers(20, 400))))} for _ in range(docs)]
     write_jsonl(root / "docs.jsonl", documents)
-    subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "train_tokenizer.py"),
-            "--input",
-            str(root / "pairs.jsonl"),
-            "--json-key",
-            "caption",
-            "--vocab-size",
-            "400",
-            "--output",
-            str(root / "tokenizer.json"),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    train_tokenizer(root / "pairs.jsonl", root / "tokenizer.json")
     tokenizer = str(root / "tokenizer.json")
     common = [
         "--codebook",
@@ -195,3 +180,24 @@ def build_transformers(directory: Path, device: torch.device, lr: float):
 
     model = transformers.FlavaForPreTraining.from_pretrained(directory).to(device).train()
     return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+
+
+def train_tokenizer(pairs_file: Path, output: Path) -> Path:
+    """A 400-token WordPiece vocabulary on the captions: enough for the converter and the collators."""
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "train_tokenizer.py"),
+            "--input",
+            str(pairs_file),
+            "--json-key",
+            "caption",
+            "--vocab-size",
+            "400",
+            "--output",
+            str(output),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return output

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image
@@ -43,9 +45,12 @@ def digit_image(pixels: np.ndarray, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
 
 
-def write_jsonl(path: Path, records: list[dict]) -> None:
-    """One JSON object a line, the form the converters and the tokenizer trainer read (the benchmarks use it too)."""
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+def write_jsonl(path: Path, records: Iterable[dict], opener: Callable[..., IO[str]] = open) -> Path:
+    """One JSON object a line, the form the converters and the tokenizer trainer read (the benchmarks and the tests
+    write with it too); `opener` (gzip.open, zstandard.open, ...) for a compressed file."""
+    with opener(path, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
